@@ -1,0 +1,130 @@
+"""Atomic, weights_only-loadable checkpoints with rotation and full RNG capture.
+
+A checkpoint is written to a temp file in the target directory, fsync'ed, then os.replace'd over the
+final name, so a crash mid-write never leaves a half-written file under a real checkpoint name.
+States hold only tensors, primitives, lists and dicts, so `torch.load(weights_only=True)` works and
+loading never executes pickled code.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+LAST = "last.pt"
+_ROTATING = re.compile(r"^ckpt_step(\d{8,})\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, truncated or otherwise unreadable."""
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:  # make the rename itself durable; not supported on every platform/filesystem
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def save_checkpoint(state: dict, path, keep_last: int = 0) -> Path:
+    """Atomically write `state` to `path`. keep_last > 0 prunes sibling ckpt_step*.pt files."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    if keep_last > 0:
+        _prune(path.parent, keep_last)
+    return path
+
+
+def _rotating(directory: Path) -> list[tuple[int, Path]]:
+    out = [(int(m.group(1)), p) for p in Path(directory).glob("ckpt_step*.pt")
+           if (m := _ROTATING.match(p.name))]
+    return sorted(out)
+
+
+def _prune(directory: Path, keep_last: int) -> None:
+    for _, p in _rotating(directory)[:-keep_last]:
+        p.unlink(missing_ok=True)
+
+
+def save_rotating(state: dict, directory, step: int, keep_last: int = 3) -> Path:
+    """Write ckpt_step{step:08d}.pt, refresh last.pt, keep only the newest `keep_last` step files."""
+    directory = Path(directory)
+    path = save_checkpoint(state, directory / f"ckpt_step{step:08d}.pt", keep_last=keep_last)
+    # last.pt is a real file (not a symlink) so it survives copying the run dir anywhere
+    save_checkpoint(state, directory / LAST)
+    return path
+
+
+def latest_checkpoint(directory) -> Path | None:
+    """last.pt if present, else the highest-step ckpt_step*.pt, else None."""
+    directory = Path(directory)
+    if (directory / LAST).is_file():
+        return directory / LAST
+    found = _rotating(directory) if directory.is_dir() else []
+    return found[-1][1] if found else None
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path}: file not found")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - translate torch/zip/pickle errors into one clear message
+        size = path.stat().st_size
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(
+            f"checkpoint {path} ({size} bytes) is truncated or corrupted and cannot be loaded: "
+            f"{type(e).__name__}: {first[:300]}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path}: expected a dict, got {type(state).__name__}")
+    return state
+
+
+# --- RNG state ------------------------------------------------------------------------------------
+def rng_state() -> dict:
+    """Python, numpy and torch (CPU + all CUDA devices) RNG as weights_only-safe values."""
+    py_version, py_internal, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python": {"version": py_version, "internal": torch.tensor(py_internal, dtype=torch.int64),
+                   "gauss": py_gauss},
+        "numpy": {"name": np_name, "keys": torch.from_numpy(np_keys.astype(np.uint32)),
+                  "pos": int(np_pos), "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(d: dict) -> None:
+    py = d["python"]
+    random.setstate((py["version"], tuple(int(x) for x in py["internal"].tolist()), py["gauss"]))
+    n = d["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(d["torch"].cpu())
+    if "cuda" in d and torch.cuda.is_available():
+        states = d["cuda"][: torch.cuda.device_count()]  # tolerate resuming on fewer GPUs
+        for i, s in enumerate(states):
+            torch.cuda.set_rng_state(s.cpu(), i)

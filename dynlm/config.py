@@ -1,0 +1,200 @@
+"""Typed configuration: every default lives here; YAML files and `--section.key=value`
+flags only override. Unknown keys and wrong types are errors, not surprises."""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+@dataclass
+class SyntheticConfig:
+    seed: int = 1234  # the corpus is a pure function of this seed
+    n_train: int = 120  # articles per split
+    n_valid: int = 16
+    n_test: int = 16
+    min_tokens: int = 300  # article length range (tokens incl. <eos>)
+    max_tokens: int = 2000
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # synthetic | wikitext | hub | text | jsonl
+    path: str = ""  # directory of wikitext files / text files / jsonl files
+    hub_name: str = "Salesforce/wikitext"
+    hub_config: str = "wikitext-2-v1"  # any wikitext config on the hub
+    tokenizer: str = "word"  # word | sentencepiece
+    sp_vocab_size: int = 8000
+    sp_model_type: str = "unigram"  # unigram | bpe
+    cache_dir: str = ".cache/dynlm"  # tokenized-corpus cache
+    max_articles: int = 0  # 0 = all articles of a split
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 0  # 0 = taken from the tokenizer
+    emb_size: int = 128
+    hidden_size: int = 256
+    n_layers: int = 1
+    softmax: str = "full"  # full (tied) | adaptive
+    adaptive_cutoffs: list[int] = field(default_factory=lambda: [2000, 10000])
+    dropout_emb: float = 0.0  # whole-word embedding dropout
+    dropout_input: float = 0.1  # locked dropout on the LSTM input
+    dropout_hidden: float = 0.1  # locked dropout between LSTM layers
+    dropout_output: float = 0.1  # locked dropout before the softmax
+    weight_drop: float = 0.0  # DropConnect on the recurrent weights (AWD-LSTM)
+    init_range: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 16  # parallel article streams
+    bptt: int = 35  # chunk length (truncated BPTT)
+    epochs: int = 4
+    max_steps: int = 0  # 0 = no limit
+    max_minutes: float = 0.0  # wall-clock budget, 0 = none
+    lr: float = 3e-3
+    weight_decay: float = 1e-6
+    clip: float = 0.25
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # cosine | constant
+    eval_every: int = 500  # steps between validations (and at every epoch end)
+    log_every: int = 50
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    bf16: bool = False  # autocast to bfloat16
+    boundary: str = "reset"  # reset | continuous (hidden state at article starts)
+
+
+@dataclass
+class EvalConfig:
+    modes: list[str] = field(default_factory=lambda: ["static"])
+    segment_length: int = 35
+    batch_size: int = 8
+    boundary: str = "reset"
+
+
+@dataclass
+class LogConfig:
+    out_dir: str = "runs/default"
+    wandb_mode: str = "auto"  # auto | online | offline | disabled (auto: offline without API key)
+    project: str = "dynlm"
+    entity: str = ""
+    name: str = ""
+    group: str = ""
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _check_value(value, hint, where: str):
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (item_hint,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_check_value(v, item_hint, f"{where}[]") for v in value]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if hint in (int, float, str) and (not isinstance(value, hint) or isinstance(value, bool)):
+        raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(cls, data: dict, where: str = ""):
+    """Build dataclass `cls` from a (possibly partial) nested dict, strictly."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ConfigError(
+            f"unknown config key(s) {sorted(f'{where}{k}' for k in unknown)}; "
+            f"valid keys under '{where or '.'}': {sorted(names)}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = from_dict(hint, value, f"{where}{name}.")
+        else:
+            kwargs[name] = _check_value(value, hint, f"{where}{name}")
+    return cls(**kwargs)
+
+
+def merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_override(text: str) -> dict:
+    """'train.lr=1e-3' -> {'train': {'lr': 0.001}}; the value is parsed as YAML."""
+    key, sep, raw = text.lstrip("-").partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {text!r} is not of the form section.key=value")
+    value = yaml.safe_load(raw) if raw != "" else ""
+    if isinstance(value, str) and raw.strip() and _looks_numeric(raw):
+        value = float(raw)  # yaml reads '1e-3' as a string
+    node: dict = {}
+    cur = node
+    parts = key.split(".")
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+    cur[parts[-1]] = value
+    return node
+
+
+def _looks_numeric(raw: str) -> bool:
+    try:
+        float(raw)
+        return True
+    except ValueError:
+        return False
+
+
+def load_config(paths: list[str | Path] = (), overrides: list[str] = (), base: dict | None = None) -> Config:
+    """Defaults <- `base` dict (e.g. a checkpoint's config) <- YAML files <- overrides."""
+    data: dict = base or {}
+    for p in paths:
+        p = Path(p)
+        if not p.exists():
+            raise ConfigError(f"config file not found: {p}")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: expected a mapping at top level")
+        try:
+            from_dict(Config, merge(data, loaded))
+        except ConfigError as e:
+            raise ConfigError(f"{p}: {e}") from None
+        data = merge(data, loaded)
+    for o in overrides:
+        data = merge(data, parse_override(o))
+    return from_dict(Config, data)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

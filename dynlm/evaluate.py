@@ -1,0 +1,132 @@
+"""Per-article, per-token evaluation of a language model on an article stream.
+
+Every target token is scored once, prequentially, with the state the model had
+before seeing it. The `mode` column names the method; `static` is the 1-level model.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm.auto import tqdm
+
+from .data.articles import Article
+from .data.streams import StreamLayout
+from .device import autocast
+from .model import LSTMLM, Params, State
+
+
+@dataclass
+class TokenScores:
+    article: np.ndarray  # (N,) index into the article list
+    position: np.ndarray  # (N,) position in the article
+    token: np.ndarray  # (N,) target token id
+    nll: np.ndarray  # (N,) float64 negative log-likelihood in nats
+    seconds: float = 0.0
+
+    def sorted(self) -> "TokenScores":
+        order = np.lexsort((self.position, self.article))
+        return TokenScores(self.article[order], self.position[order], self.token[order], self.nll[order], self.seconds)
+
+
+def reset_rows(state: State, new_article: torch.Tensor) -> State:
+    """Zero the hidden state of streams that start a new article. new_article (B,)."""
+    if not bool(new_article.any()):
+        return state
+    keep = (~new_article).to(state[0][0].dtype).unsqueeze(1)  # (B, 1)
+    return [(h * keep, c * keep) for h, c in state]
+
+
+@torch.no_grad()
+def score_static(
+    lm: LSTMLM, params: Params, articles: list[Article], *, eos_id: int, segment_length: int,
+    batch_size: int, boundary: str = "reset", device=torch.device("cpu"), bf16: bool = False,
+    desc: str = "static",
+) -> TokenScores:
+    layout = StreamLayout(articles, batch_size, segment_length, eos_id, pad_articles=boundary == "reset")
+    state = lm.init_state(layout.n_streams, device=device)
+    cols: list[list[np.ndarray]] = [[], [], [], []]
+    start = time.perf_counter()
+    for chunk in tqdm(layout, desc=desc, leave=False, mininterval=2):
+        chunk = chunk.to(device)
+        if boundary == "reset":
+            state = reset_rows(state, chunk.new_article)
+        with autocast(device, bf16):
+            out, state = lm.hidden(params, chunk.inputs, state)
+            nll = lm.nll(params, out, chunk.targets)  # (B, T)
+        state = [(h.float(), c.float()) for h, c in state]
+        m = chunk.mask
+        for col, t in zip(cols, (chunk.article[m], chunk.position[m], chunk.targets[m], nll[m].double())):
+            col.append(t.cpu().numpy())
+    scores = TokenScores(*(np.concatenate(c) for c in cols), seconds=time.perf_counter() - start)
+    expected = sum(len(a) for a in articles)
+    assert len(scores.nll) == expected, f"scored {len(scores.nll)} tokens, expected {expected}"
+    return scores.sorted()
+
+
+def perplexity(nll_sum: float, n: int) -> float:
+    return math.exp(nll_sum / n) if n else float("nan")
+
+
+def per_article_rows(mode: str, articles: list[Article], scores: TokenScores, per_word: bool) -> list[dict]:
+    sums = np.bincount(scores.article, weights=scores.nll, minlength=len(articles))
+    rows = []
+    for i, a in enumerate(articles):
+        row = {"mode": mode, "article_id": a.id, "title": a.title, "n_tokens": len(a),
+               "nll_sum": float(sums[i]), "ppl": perplexity(float(sums[i]), len(a))}
+        if per_word:
+            row.update(n_words=a.n_words, word_ppl=perplexity(float(sums[i]), a.n_words))
+        rows.append(row)
+    return rows
+
+
+def summarize(results: dict[str, TokenScores], articles: list[Article], per_word: bool) -> dict:
+    n_tokens = sum(len(a) for a in articles)
+    modes = {}
+    for mode, s in results.items():
+        total = float(s.nll.sum())
+        modes[mode] = {"ppl": perplexity(total, n_tokens), "nll_per_token": total / n_tokens,
+                       "n_tokens": n_tokens, "n_articles": len(articles),
+                       "tokens_per_s": n_tokens / s.seconds if s.seconds else None}
+        if per_word:
+            modes[mode]["word_ppl"] = perplexity(total, sum(a.n_words for a in articles))
+    if "static" in modes:
+        for m in modes.values():
+            m["rel_change_vs_static"] = m["ppl"] / modes["static"]["ppl"] - 1
+    return {"modes": modes}
+
+
+def write_results(out_dir: Path, results: dict[str, TokenScores], articles: list[Article], per_word: bool) -> dict:
+    """per_article.csv, summary.json and tokens.parquet (one NLL column per mode)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = [r for mode, s in results.items() for r in per_article_rows(mode, articles, s, per_word)]
+    with open(out_dir / "per_article.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    summary = summarize(results, articles, per_word)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    first = next(iter(results.values()))
+    table = {"article_id": [articles[i].id for i in first.article], "position": first.position,
+             "token": first.token}
+    table.update({f"nll_{mode}": s.nll for mode, s in results.items()})
+    pq.write_table(pa.table(table), out_dir / "tokens.parquet")
+    return summary
+
+
+def markdown_table(summary: dict) -> str:
+    lines = ["| mode | ppl | vs static | tokens | tokens/s |", "|---|---|---|---|---|"]
+    for mode, m in summary["modes"].items():
+        rel = m.get("rel_change_vs_static")
+        tps = m.get("tokens_per_s")
+        lines.append(f"| {mode} | {m['ppl']:.2f} | {'' if rel is None else f'{100 * rel:+.1f}%'} | "
+                     f"{m['n_tokens']} | {'' if tps is None else f'{tps:.0f}'} |")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+from .lstm_lm import LSTMLM, Params, State, lstm_layer_loop

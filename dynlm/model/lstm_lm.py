@@ -1,0 +1,165 @@
+"""An LSTM language model written as a function of a parameter dictionary.
+
+Any set of weights can be substituted, including one copy of the LSTM weights per
+stream (a leading batch dimension on `lstm.*` tensors): that is how the medium-term
+memory (fast weights rewritten while reading) plugs in. Shared weights take the fused
+`nn.LSTM` kernel; per-stream weights take an explicit batched loop that supports
+double backward (cuDNN's fused RNN does not).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from ..config import ModelConfig
+from .regularizers import embedding_dropout, locked_dropout
+
+Params = dict[str, Tensor]
+State = list[tuple[Tensor, Tensor]]  # per layer: (h, c), each (B, H)
+
+
+class LSTMLM:
+    """Holds the architecture; the weights always come in as `params`."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int):
+        if vocab_size < 2:
+            raise ValueError(f"vocab_size must be >= 2, got {vocab_size}")
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        self.sizes = [cfg.hidden_size] * cfg.n_layers  # output size of each layer
+        self.inputs = [cfg.emb_size] + self.sizes[:-1]
+        self.adaptive = cfg.softmax == "adaptive"
+        if cfg.softmax not in ("full", "adaptive"):
+            raise ValueError(f"model.softmax must be 'full' or 'adaptive', got {cfg.softmax!r}")
+        if self.adaptive:
+            cutoffs = [c for c in cfg.adaptive_cutoffs if 0 < c < vocab_size - 1] or [max(1, vocab_size // 2)]
+            # a template on the meta device: functional_call swaps in the real weights
+            self._adaptive = nn.AdaptiveLogSoftmaxWithLoss(
+                cfg.hidden_size, vocab_size, cutoffs, div_value=4.0, device="meta"
+            )
+        self._fused = {}  # (in, hidden) -> nn.LSTM template for the shared-weight path
+
+    # ---- parameters -------------------------------------------------------------
+    def init_params(self, seed: int = 0, device="cpu", dtype=torch.float32) -> Params:
+        g = torch.Generator().manual_seed(seed)
+        r = self.cfg.init_range
+
+        def uniform(*shape, bound):
+            return (torch.rand(*shape, generator=g) * 2 - 1) * bound
+
+        p: Params = {"embed": uniform(self.vocab_size, self.cfg.emb_size, bound=r)}
+        for l, (n_in, n_h) in enumerate(zip(self.inputs, self.sizes)):
+            k = 1 / math.sqrt(n_h)
+            p[f"lstm.{l}.w_ih"] = uniform(4 * n_h, n_in, bound=k)
+            p[f"lstm.{l}.w_hh"] = uniform(4 * n_h, n_h, bound=k)
+            p[f"lstm.{l}.b"] = uniform(4 * n_h, bound=k)
+        if self.adaptive:
+            ref = nn.AdaptiveLogSoftmaxWithLoss(
+                self.cfg.hidden_size, self.vocab_size, self._adaptive.cutoffs[:-1], div_value=4.0
+            )
+            for name, t in ref.named_parameters():
+                p[f"adaptive.{name}"] = uniform(*t.shape, bound=1 / math.sqrt(max(1, t.shape[-1])))
+        else:
+            if self.cfg.hidden_size != self.cfg.emb_size:  # project to the tied embedding size
+                p["proj"] = uniform(self.cfg.emb_size, self.cfg.hidden_size, bound=1 / math.sqrt(self.cfg.hidden_size))
+            p["out_bias"] = torch.zeros(self.vocab_size)
+        return {k: v.to(device=device, dtype=dtype) for k, v in p.items()}
+
+    def lstm_names(self, layers: list[int] | None = None) -> list[str]:
+        layers = range(self.cfg.n_layers) if layers is None else layers
+        return [f"lstm.{l}.{w}" for l in layers for w in ("w_ih", "w_hh", "b")]
+
+    def init_state(self, batch: int, device="cpu", dtype=torch.float32) -> State:
+        return [(torch.zeros(batch, h, device=device, dtype=dtype),) * 2 for h in self.sizes]
+
+    # ---- forward ----------------------------------------------------------------
+    def hidden(self, params: Params, tokens: Tensor, state: State, *, train: bool = False) -> tuple[Tensor, State]:
+        """tokens (B, T) -> top-layer outputs (B, T, H) and the new state."""
+        c = self.cfg
+        embed = embedding_dropout(params["embed"], c.dropout_emb if train else 0.0)
+        x = F.embedding(tokens, embed)  # (B, T, E)
+        x = locked_dropout(x, c.dropout_input, train)
+        new_state = []
+        for l in range(c.n_layers):
+            w_ih, w_hh, b = (params[f"lstm.{l}.{w}"] for w in ("w_ih", "w_hh", "b"))
+            if train and c.weight_drop > 0:
+                w_hh = F.dropout(w_hh, c.weight_drop, training=True)  # DropConnect, per forward
+            x, s = self._layer(x, state[l], w_ih, w_hh, b)
+            new_state.append(s)
+            x = locked_dropout(x, c.dropout_output if l == c.n_layers - 1 else c.dropout_hidden, train)
+        return x, new_state
+
+    def _layer(self, x, state, w_ih, w_hh, b):
+        if w_ih.dim() == 2 and w_hh.dim() == 2 and b.dim() == 1:
+            return self._layer_fused(x, state, w_ih, w_hh, b)
+        return lstm_layer_loop(x, state, w_ih, w_hh, b)
+
+    def _layer_fused(self, x, state, w_ih, w_hh, b):
+        n_h = w_hh.shape[1]
+        key = (w_ih.shape[1], n_h)
+        if key not in self._fused:
+            self._fused[key] = nn.LSTM(key[0], n_h, batch_first=True, device="meta")
+        weights = {"weight_ih_l0": w_ih, "weight_hh_l0": w_hh, "bias_ih_l0": b, "bias_hh_l0": torch.zeros_like(b)}
+        h0, c0 = state
+        out, (h, c) = functional_call(self._fused[key], weights, (x, (h0.unsqueeze(0), c0.unsqueeze(0))))
+        return out, (h.squeeze(0), c.squeeze(0))
+
+    def nll(self, params: Params, out: Tensor, targets: Tensor) -> Tensor:
+        """Per-token negative log-likelihood (B, T) of `targets` (B, T)."""
+        flat, tgt = out.reshape(-1, out.shape[-1]), targets.reshape(-1)
+        if self.adaptive:
+            sub = {k[len("adaptive."):]: v for k, v in params.items() if k.startswith("adaptive.")}
+            logp = functional_call(self._adaptive, sub, (flat, tgt)).output  # (N,)
+            return (-logp).view_as(targets)
+        logits = self._logits(params, flat)
+        return F.cross_entropy(_upcast(logits), tgt, reduction="none").view_as(targets)
+
+    def log_probs(self, params: Params, out: Tensor) -> Tensor:
+        """Full next-token log-distribution (..., V); used by the neural cache."""
+        if not self.adaptive:
+            return F.log_softmax(_upcast(self._logits(params, out)), dim=-1)
+        a = self._adaptive
+        head = F.linear(out, params["adaptive.head.weight"], params.get("adaptive.head.bias"))
+        head = F.log_softmax(_upcast(head), dim=-1)
+        parts = [head[..., : a.shortlist_size]]
+        for i in range(a.n_clusters):
+            h = F.linear(out, params[f"adaptive.tail.{i}.0.weight"])
+            h = F.linear(h, params[f"adaptive.tail.{i}.1.weight"])
+            parts.append(head[..., a.shortlist_size + i, None] + F.log_softmax(_upcast(h), dim=-1))
+        return torch.cat(parts, dim=-1)
+
+    def _logits(self, params, out):
+        if "proj" in params:
+            out = F.linear(out, params["proj"])
+        return F.linear(out, params["embed"], params["out_bias"])
+
+
+def _upcast(x: Tensor) -> Tensor:
+    """Softmax in at least float32 (bf16 logits lose the tail), float64 stays float64."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _bmm_or_mm(x: Tensor, w: Tensor) -> Tensor:
+    """x (B, ..., in) times w (out, in) shared, or w (B, out, in) per stream."""
+    if w.dim() == 2:
+        return x @ w.t()
+    return (x.reshape(x.shape[0], -1, x.shape[-1]) @ w.transpose(1, 2)).reshape(*x.shape[:-1], w.shape[1])
+
+
+def lstm_layer_loop(x: Tensor, state, w_ih: Tensor, w_hh: Tensor, b: Tensor):
+    """One LSTM layer with possibly per-stream weights, as plain differentiable ops."""
+    h, c = state  # (B, H)
+    bias = b if b.dim() == 1 else b.unsqueeze(1)  # (4H,) or (B, 1, 4H)
+    xw = _bmm_or_mm(x, w_ih) + bias  # (B, T, 4H): all input projections in one matmul
+    outs = []
+    for t in range(x.shape[1]):
+        gates = xw[:, t] + _bmm_or_mm(h, w_hh)  # (B, 4H)
+        i, f, g, o = gates.chunk(4, dim=-1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        outs.append(h)
+    return torch.stack(outs, dim=1), (h, c)  # (B, T, H)

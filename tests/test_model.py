@@ -1,0 +1,103 @@
+import pytest
+import torch
+from torch import nn
+
+from dynlm.config import ModelConfig
+from dynlm.model import LSTMLM, lstm_layer_loop
+
+
+def tiny(softmax="full", **kw):
+    cfg = ModelConfig(emb_size=8, hidden_size=16, n_layers=2, softmax=softmax, adaptive_cutoffs=[10, 30],
+                      dropout_input=0, dropout_hidden=0, dropout_output=0, **kw)
+    lm = LSTMLM(cfg, 50)
+    return lm, lm.init_params(seed=0, dtype=torch.float64)
+
+
+def per_stream(lm, params, batch):
+    out = dict(params)
+    for n in lm.lstm_names():
+        out[n] = params[n].expand(batch, *params[n].shape).clone()
+    return out
+
+
+def test_matches_torch_nn_lstm():
+    lm, p = tiny()
+    ref = nn.LSTM(8, 16, num_layers=2, batch_first=True).double()
+    with torch.no_grad():
+        for l in range(2):
+            getattr(ref, f"weight_ih_l{l}").copy_(p[f"lstm.{l}.w_ih"])
+            getattr(ref, f"weight_hh_l{l}").copy_(p[f"lstm.{l}.w_hh"])
+            getattr(ref, f"bias_ih_l{l}").copy_(p[f"lstm.{l}.b"])
+            getattr(ref, f"bias_hh_l{l}").zero_()
+    tokens = torch.randint(0, 50, (3, 9))
+    out, state = lm.hidden(p, tokens, lm.init_state(3, dtype=torch.float64))
+    ref_out, (h, c) = ref(torch.nn.functional.embedding(tokens, p["embed"]))
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(state[1][0], h[1])
+    torch.testing.assert_close(state[1][1], c[1])
+
+
+@pytest.mark.parametrize("softmax", ["full", "adaptive"])
+def test_per_stream_weights_equal_shared(softmax):
+    lm, p = tiny(softmax)
+    tokens = torch.randint(0, 50, (4, 7))
+    s0 = lm.init_state(4, dtype=torch.float64)
+    out, _ = lm.hidden(p, tokens, s0)
+    out_ps, _ = lm.hidden(per_stream(lm, p, 4), tokens, s0)
+    torch.testing.assert_close(out, out_ps)
+    torch.testing.assert_close(lm.nll(p, out, tokens), lm.nll(p, out_ps, tokens))
+
+
+def test_per_stream_weights_are_independent():
+    lm, p = tiny()
+    ps = per_stream(lm, p, 2)
+    ps["lstm.0.w_hh"] = ps["lstm.0.w_hh"].clone()
+    ps["lstm.0.w_hh"][1] += 0.5  # change stream 1's weights only
+    tokens = torch.randint(0, 50, (1, 6)).expand(2, 6)
+    out, _ = lm.hidden(ps, tokens, lm.init_state(2, dtype=torch.float64))
+    ref, _ = lm.hidden(p, tokens[:1], lm.init_state(1, dtype=torch.float64))
+    torch.testing.assert_close(out[0], ref[0])
+    assert (out[1] - ref[0]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("softmax", ["full", "adaptive"])
+def test_log_probs_agree_with_nll(softmax):
+    lm, p = tiny(softmax)
+    tokens = torch.randint(0, 50, (2, 5))
+    out, _ = lm.hidden(p, tokens, lm.init_state(2, dtype=torch.float64))
+    lp = lm.log_probs(p, out)  # (B, T, V)
+    torch.testing.assert_close(lp.exp().sum(-1), torch.ones(2, 5, dtype=torch.float64))
+    torch.testing.assert_close(-lp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), lm.nll(p, out, tokens))
+
+
+def test_double_backward_through_per_stream_weights():
+    lm, p = tiny()
+    ps = {k: v.requires_grad_() for k, v in per_stream(lm, p, 2).items()}
+    tokens = torch.randint(0, 50, (2, 5))
+    out, _ = lm.hidden(ps, tokens, lm.init_state(2, dtype=torch.float64))
+    loss = lm.nll(ps, out, tokens).mean()
+    (g,) = torch.autograd.grad(loss, ps["lstm.0.w_hh"], create_graph=True)
+    (gg,) = torch.autograd.grad((g ** 2).sum(), ps["lstm.1.w_ih"])
+    assert gg.abs().sum() > 0 and torch.isfinite(gg).all()
+
+
+def test_loop_layer_matches_fused_layer():
+    lm, p = tiny()
+    x = torch.randn(3, 6, 8, dtype=torch.float64)
+    s = (torch.randn(3, 16, dtype=torch.float64), torch.randn(3, 16, dtype=torch.float64))
+    a, (ha, ca) = lstm_layer_loop(x, s, p["lstm.0.w_ih"], p["lstm.0.w_hh"], p["lstm.0.b"])
+    b, (hb, cb) = lm._layer_fused(x, s, p["lstm.0.w_ih"], p["lstm.0.w_hh"], p["lstm.0.b"])
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(ca, cb)
+
+
+def test_dropout_only_in_training():
+    cfg = ModelConfig(emb_size=8, hidden_size=8, dropout_emb=0.5, dropout_input=0.5, weight_drop=0.5)
+    lm = LSTMLM(cfg, 30)
+    p = lm.init_params()
+    tokens = torch.randint(0, 30, (2, 4))
+    a, _ = lm.hidden(p, tokens, lm.init_state(2))
+    b, _ = lm.hidden(p, tokens, lm.init_state(2))
+    c, _ = lm.hidden(p, tokens, lm.init_state(2), train=True)
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, c)

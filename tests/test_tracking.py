@@ -1,0 +1,163 @@
+"""Tracker writes metrics.jsonl always, and a real offline wandb run we can read back."""
+import json
+import struct
+import warnings
+from pathlib import Path
+
+import pytest
+
+from dynlm.config import LogConfig
+from dynlm.tracking import Tracker, resolve_wandb_mode
+
+
+@pytest.fixture(autouse=True)
+def _wandb_sandbox(tmp_path, monkeypatch):
+    # keep wandb's caches/config out of $HOME and never touch the network
+    for var in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb_home" / var.lower()))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+
+
+def read_wandb_records(path: Path):
+    """Decode a .wandb file: wandb's LevelDB-style log (7-byte ':W&B' header, 32 KiB blocks,
+    chunks of crc32/len16/type8) holding wandb_internal_pb2.Record protos. wandb 0.31 ships no
+    Python reader (the datastore moved into wandb-core), so we parse the framing ourselves."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, block, buf = 7, 32768, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # block trailer padding
+            pos += block - pos % block
+            continue
+        _crc, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        pos += 7
+        if kind == 0:  # zero padding / preallocated tail
+            break
+        buf += data[pos:pos + n]
+        pos += n
+        if kind in (1, 4):  # FULL or LAST chunk completes a record
+            rec = pb.Record()
+            rec.ParseFromString(buf)
+            buf = b""
+            yield rec
+
+
+def _key(item):
+    return item.key or "/".join(item.nested_key)
+
+
+def _tiny_png(path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=(0.5, 0.5), dpi=20)
+    plt.plot([0, 1], [1, 0])
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def test_offline_run_contains_everything(tmp_path, capsys):
+    html = tmp_path / "report.html"
+    html.write_text("<html><body><p>dynlm-html-marker</p></body></html>")
+    png = tmp_path / "img.png"
+    _tiny_png(png)
+    run_dir = tmp_path / "run"
+    cfg = LogConfig(wandb_mode="offline", name="t-run", group="g", tags=["unit"])
+    with Tracker(cfg, run_dir, {"train": {"lr": 0.003}}, job_type="train") as t:
+        assert t.run is not None
+        t.log({"train/loss": 2.5}, step=1)
+        t.log({"train/loss": 2.0, "train/lr": 1e-3}, step=2)
+        t.log_table("eval/samples", ["id", "text"], [[1, "hello"], [2, "world"]])
+        t.log_html("eval/report", html)
+        t.log_image("eval/plot", png)
+        t.log_line_plot("eval/curve", [1, 2, 3], {"static": [5, 4, 3], "dynamic": [5, 3, 2]}, "step", "ppl")
+        t.summary({"best/valid_ppl": 42.0})
+
+    assert "train/loss=2.5" in capsys.readouterr().out
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["train/loss"]) for r in lines] == [(1, 2.5), (2, 2.0)]
+    assert all("time" in r for r in lines)
+    assert json.loads((run_dir / "summary_metrics.json").read_text()) == {"best/valid_ppl": 42.0}
+
+    (wb_dir,) = (run_dir / "wandb").glob("offline-run-*")
+    (wb_file,) = wb_dir.glob("run-*.wandb")
+    records = list(read_wandb_records(wb_file))
+    kinds = [r.WhichOneof("record_type") for r in records]
+    assert "run" in kinds and kinds[-1] == "exit"
+
+    run = next(r.run for r in records if r.HasField("run"))
+    assert (run.display_name, run.job_type, run.run_group, list(run.tags)) == ("t-run", "train", "g", ["unit"])
+    config = {_key(i): json.loads(i.value_json) for i in run.config.update}
+    assert config["train"] == {"lr": 0.003}
+
+    history = {}
+    for r in records:
+        if r.HasField("history"):
+            items = {_key(i): json.loads(i.value_json) for i in r.history.item}
+            for k, v in items.items():
+                history.setdefault(k, []).append(v)
+    assert history["train/loss"] == [2.5, 2.0]
+    assert history["train/lr"] == [1e-3]
+    media = {k.rsplit("/", 1)[0]: v[0] for k, v in history.items() if k.endswith("/path")}
+    assert set(media) >= {"eval/samples", "eval/report", "eval/plot", "eval/curve_table"}
+
+    files = wb_dir / "files"
+    table = json.loads((files / media["eval/samples"]).read_text())
+    assert table["columns"] == ["id", "text"] and table["data"] == [[1, "hello"], [2, "world"]]
+    assert "dynlm-html-marker" in (files / media["eval/report"]).read_text()
+    assert (files / media["eval/plot"]).read_bytes()[:4] == b"\x89PNG"
+    curve = json.loads((files / media["eval/curve_table"]).read_text())
+    assert len(curve["data"]) == 6  # 2 series x 3 points
+
+    summary = {}
+    for r in records:
+        if r.HasField("summary"):
+            summary.update({_key(i): json.loads(i.value_json) for i in r.summary.update})
+    assert summary["best/valid_ppl"] == 42.0
+
+
+def test_wandb_init_failure_degrades_to_jsonl(tmp_path, monkeypatch):
+    import wandb
+
+    def boom(*a, **k):
+        raise RuntimeError("no network")
+
+    monkeypatch.setattr(wandb, "init", boom)
+    with pytest.warns(RuntimeWarning, match="wandb init failed.*no network"):
+        t = Tracker(LogConfig(wandb_mode="online"), tmp_path, {}, job_type="eval")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no further warnings once degraded
+        t.log({"eval/ppl": 10.0}, step=0, echo=False)
+        t.log_table("eval/t", ["a"], [[1]])
+        t.summary({"eval/ppl": 10.0})
+        t.finish()
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["eval/ppl"] == 10.0
+
+
+def test_disabled_tracker_writes_nothing(tmp_path):
+    t = Tracker(LogConfig(wandb_mode="offline"), tmp_path / "r1", {}, job_type="train", enabled=False)
+    t.log({"x": 1}, step=0)
+    t.summary({"x": 1})
+    t.finish()
+    assert not (tmp_path / "r1").exists()
+
+
+def test_wandb_mode_disabled_and_auto(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    assert resolve_wandb_mode("auto") == "offline"
+    (tmp_path / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password k\n")
+    (tmp_path / ".netrc").chmod(0o600)
+    assert resolve_wandb_mode("auto") == "online"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert resolve_wandb_mode("auto") == "online"
+    assert resolve_wandb_mode("disabled") == "disabled"
+    with Tracker(LogConfig(wandb_mode="disabled"), tmp_path / "r", {}, job_type="train") as t:
+        assert t.run is None
+        t.log({"a": 1}, step=3, echo=False)
+    assert not (tmp_path / "r" / "wandb").exists()
