@@ -113,7 +113,7 @@ def train_static(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
         step += 1
         bar.update()
         tokens_seen += n
-        window_loss, window_n = window_loss + float(loss) * n, window_n + n
+        window_loss, window_n = window_loss + float(loss.detach()) * n, window_n + n
         if step % t.log_every == 0:
             now = time.perf_counter()
             tracker.log({"train/loss": window_loss / window_n, "train/ppl": math.exp(window_loss / window_n),
