@@ -19,15 +19,13 @@ from ..tracking import Tracker
 from .setup import prepare_data
 
 
-def lr_lambda(cfg, total_steps: int):
-    def f(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.schedule == "constant" or total_steps <= cfg.warmup_steps:
-            return 1.0
-        frac = min(1.0, (step - cfg.warmup_steps) / (total_steps - cfg.warmup_steps))
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac))
-    return f
+def lr_factor(cfg, progress: float, step: int) -> float:
+    """Warmup, then cosine to 5% over `progress` in [0, 1] (steps or time budget, whichever is further)."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def epoch_layout(articles, cfg: Config, eos_id: int, epoch: int) -> StreamLayout:
@@ -58,16 +56,16 @@ def train_static(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     opt = torch.optim.AdamW(params.values(), lr=t.lr, weight_decay=t.weight_decay)
     steps_per_epoch = len(epoch_layout(train_arts, cfg, tok.eos_id, 0))
     total = t.max_steps or steps_per_epoch * t.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t, total))
-    step, epoch, chunk_idx, best, state = 0, 0, 0, float("inf"), None
+    step, epoch, chunk_idx, best, state, minutes_before = 0, 0, 0, float("inf"), None, 0.0
     ckpt_dir = run_dir / "checkpoints"
     if resume and (last := latest_checkpoint(ckpt_dir)) is not None:
         ck = load_checkpoint(last, map_location=device)
         with torch.no_grad():
             for k, v in ck["params"].items():
                 params[k].copy_(v)
-        opt.load_state_dict(ck["optimizer"]); sched.load_state_dict(ck["scheduler"])
+        opt.load_state_dict(ck["optimizer"])
         step, epoch, chunk_idx, best = ck["step"], ck["epoch"], ck["chunk"], ck["best_valid_ppl"]
+        minutes_before = ck["minutes"]
         set_rng_state(ck["rng"])
         state = [(h.to(device), c.to(device)) for h, c in ck["hidden"]] if ck["chunk"] else None
         print(f"resumed from {last} at step {step} (epoch {epoch}, chunk {chunk_idx})")
@@ -77,7 +75,7 @@ def train_static(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
 
     def state_dict(kind: str) -> dict:
         return {"kind": kind, "config": to_dict(cfg), "params": {k: v.detach() for k, v in params.items()},
-                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step, "epoch": epoch,
+                "optimizer": opt.state_dict(), "minutes": minutes(), "step": step, "epoch": epoch,
                 "chunk": chunk_idx, "best_valid_ppl": best, "rng": rng_state(),
                 "hidden": [(h.detach(), c.detach()) for h, c in state],
                 "vocab_size": tok.vocab_size, "tokenizer_fingerprint": tok.fingerprint()}
@@ -90,6 +88,13 @@ def train_static(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
 
     tracker = Tracker(cfg.log, run_dir, to_dict(cfg), job_type="train")
     start = time.perf_counter()
+
+    def minutes() -> float:  # training time, across resumes
+        return minutes_before + (time.perf_counter() - start) / 60
+
+    def progress() -> float:
+        return max(step / total, minutes() / t.max_minutes if t.max_minutes else 0.0)
+
     tokens_seen, window_start, window_loss, window_n = 0, time.perf_counter(), 0.0, 0
     bar = tqdm(total=total, initial=step, desc="train", mininterval=2)
     for epoch, chunk_idx, layout in reading_positions(train_arts, cfg, tok.eos_id, epoch, chunk_idx):
@@ -107,8 +112,9 @@ def train_static(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params.values(), t.clip)
+        for group in opt.param_groups:
+            group["lr"] = t.lr * lr_factor(t, progress(), step)
         opt.step()
-        sched.step()
         state = [(h.float(), c.float()) for h, c in state]
         step += 1
         bar.update()
@@ -117,17 +123,17 @@ def train_static(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
         if step % t.log_every == 0:
             now = time.perf_counter()
             tracker.log({"train/loss": window_loss / window_n, "train/ppl": math.exp(window_loss / window_n),
-                         "train/lr": sched.get_last_lr()[0], "train/tokens_per_s": window_n / (now - window_start),
+                         "train/lr": opt.param_groups[0]["lr"], "train/tokens_per_s": window_n / (now - window_start),
                          "train/epoch": epoch + (chunk_idx + 1) / len(layout)}, step=step, echo=False)
             bar.set_postfix(loss=f"{window_loss / window_n:.3f}")
             window_loss, window_n, window_start = 0.0, 0, now
         # where a resumed run continues reading
         end_of_epoch = chunk_idx + 1 == len(layout)
         epoch, chunk_idx = (epoch + 1, 0) if end_of_epoch else (epoch, chunk_idx + 1)
-        done = step >= total or (t.max_minutes and (time.perf_counter() - start) / 60 > t.max_minutes)
+        done = progress() >= 1.0
         if step % t.eval_every == 0 or end_of_epoch or done:
             ppl = validate()
-            tracker.log({"valid/ppl": ppl, "train/minutes": (time.perf_counter() - start) / 60}, step=step)
+            tracker.log({"valid/ppl": ppl, "train/minutes": minutes()}, step=step)
             if ppl < best:
                 best = ppl
                 save_checkpoint(state_dict("static"), ckpt_dir / "best.pt")
@@ -135,7 +141,7 @@ def train_static(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
         if done:
             break
     bar.close()
-    result = {"best_valid_ppl": best, "steps": step, "minutes": (time.perf_counter() - start) / 60,
+    result = {"best_valid_ppl": best, "steps": step, "minutes": minutes(),
               "tokens": tokens_seen, "checkpoint": str(ckpt_dir / "best.pt")}
     tracker.summary(result)
     tracker.finish()
