@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from .checkpoint import CheckpointError
+from .checkpoint import load_checkpoint
 from .config import ConfigError, load_config
 from .data.errors import DataError
 
@@ -35,9 +36,16 @@ def cmd_train(args, extra):
           f"({result['minutes']:.1f} min); checkpoint {result['checkpoint']}")
 
 
+def cmd_metatrain(args, extra):
+    from .train.meta import metatrain
+    base = load_checkpoint(args.init)["config"] if args.init else None
+    cfg = _config(args, extra, base=base)
+    result = metatrain(cfg, Path(cfg.log.out_dir), init=Path(args.init) if args.init else None, resume=args.resume)
+    print(f"meta-trained {result['steps']} steps ({result['minutes']:.1f} min); checkpoint {result['checkpoint']}")
+
+
 def cmd_evaluate(args, extra):
     from .run_eval import evaluate_checkpoint
-    from .checkpoint import load_checkpoint
     ck = load_checkpoint(args.checkpoint)
     cfg = _config(args, extra, base=ck["config"])
     out = Path(args.out or Path(cfg.log.out_dir) / f"eval_{args.split}")
@@ -60,11 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("metatrain", help="meta-train the learned rule that rewrites the LSTM weights while reading")
+    _common(p)
+    p.add_argument("--init", help="static checkpoint to start from (its config is the base); omit to start from scratch")
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    p.set_defaults(func=cmd_metatrain)
+
     p = sub.add_parser("evaluate", help="per-article, per-token evaluation of a checkpoint")
     _common(p)
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by `dynlm train`")
     p.add_argument("--split", default="valid", help="train | valid | test")
-    p.add_argument("--modes", default="static", help="comma-separated modes (available: static)")
+    p.add_argument("--modes", default="static", help="comma-separated modes: static,sgd,dyneval,learned")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("demo", help="the main job on the bundled synthetic corpus: train, then evaluate per article")

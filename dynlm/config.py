@@ -83,6 +83,39 @@ class EvalConfig:
 
 
 @dataclass
+class RuleConfig:
+    """Online update rules; all act on the LSTM weights of `layers` (empty = all layers)."""
+    layers: list[int] = field(default_factory=list)
+    sgd_lr: float = 0.05
+    dyneval_lr: float = 2e-5  # Krause: dW = lamb*decrate*(theta0-theta) - lr*g/(MS+eps)
+    dyneval_lamb: float = 2e-3
+    dyneval_eps: float = 2e-5
+    dyneval_all_weights: bool = False  # also adapt embeddings/softmax
+    grad_rms_chunks: int = 200  # training chunks averaged for the MS statistics
+    learner: str = "ff"  # ff (MLP over features) | rnn (GRU cell per coordinate)
+    learner_hidden: int = 8
+    forget_bias: float = 5.0  # sigmoid(5) = 0.993 per update: keep the weights at first
+    init_lr: float = 3e-4  # step size of an untrained learner (per tensor, learned)
+    max_step: float = 3.0  # bound on the normalised step, so updates cannot run away
+
+
+@dataclass
+class MetaConfig:
+    unroll: int = 4  # K chunk steps per meta-gradient
+    chunk: int = 20  # tokens per chunk step (the online segment length)
+    batch_size: int = 16
+    steps: int = 300
+    max_minutes: float = 0.0
+    lr: float = 3e-3  # outer Adam on the learner
+    theta0_lr: float = 1e-4  # outer Adam on theta0 (0 = keep theta0 fixed)
+    clip: float = 1.0
+    second_order: bool = False  # create_graph through the inner gradients
+    boundary: str = "reset"  # reset | continuous
+    log_every: int = 20
+    seed: int = 0
+
+
+@dataclass
 class LogConfig:
     out_dir: str = "runs/default"
     wandb_mode: str = "auto"  # auto | online | offline | disabled (auto: offline without API key)
@@ -99,6 +132,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    rule: RuleConfig = field(default_factory=RuleConfig)
+    meta: MetaConfig = field(default_factory=MetaConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 

@@ -22,6 +22,8 @@ from .data.articles import Article
 from .data.streams import StreamLayout
 from .device import autocast
 from .model import LSTMLM, Params, State
+from .rules.base import Rule, StaticRule
+from .unroll import chunk_step, reset_streams, start_reader
 
 
 @dataclass
@@ -45,24 +47,25 @@ def reset_rows(state: State, new_article: torch.Tensor) -> State:
     return [(h * keep, c * keep) for h, c in state]
 
 
-@torch.no_grad()
-def score_static(
+def score(
     lm: LSTMLM, params: Params, articles: list[Article], *, eos_id: int, segment_length: int,
     batch_size: int, boundary: str = "reset", device=torch.device("cpu"), bf16: bool = False,
-    desc: str = "static",
+    rule: Rule | None = None, names: list[str] = (), desc: str = "static",
 ) -> TokenScores:
+    """Prequential per-token NLL of `articles` read as B streams, adapting with `rule`."""
+    rule = rule or StaticRule()
     layout = StreamLayout(articles, batch_size, segment_length, eos_id, pad_articles=boundary == "reset")
-    state = lm.init_state(layout.n_streams, device=device)
+    theta0 = {k: v.detach() for k, v in params.items()}
+    reader = start_reader(lm, theta0, rule, list(names), layout.n_streams, device)
     cols: list[list[np.ndarray]] = [[], [], [], []]
     start = time.perf_counter()
     for chunk in tqdm(layout, desc=desc, leave=False, mininterval=2):
         chunk = chunk.to(device)
         if boundary == "reset":
-            state = reset_rows(state, chunk.new_article)
+            reader = reset_streams(reader, theta0, rule, chunk.new_article)
         with autocast(device, bf16):
-            out, state = lm.hidden(params, chunk.inputs, state)
-            nll = lm.nll(params, out, chunk.targets)  # (B, T)
-        state = [(h.float(), c.float()) for h, c in state]
+            nll, reader, _ = chunk_step(lm, theta0, theta0, rule, reader, chunk)
+        reader.hidden = [(h.float(), c.float()) for h, c in reader.hidden]
         m = chunk.mask
         for col, t in zip(cols, (chunk.article[m], chunk.position[m], chunk.targets[m], nll[m].double())):
             col.append(t.cpu().numpy())

@@ -10,11 +10,13 @@ from .config import Config, ConfigError, to_dict
 from .data.sources import load_articles
 from .data.tokenizers import load_tokenizer
 from .device import resolve_device
-from .evaluate import markdown_table, score_static, write_results
+from .evaluate import markdown_table, score, write_results
 from .model import LSTMLM
+from .rules import RULES, adapted_names, compute_grad_rms, make_rule
+from .data.streams import StreamLayout
 from .tracking import Tracker
 
-MODES = ("static",)
+MODES = RULES
 
 
 def tokenizer_for(ckpt_path: Path, ck: dict):
@@ -39,9 +41,21 @@ def evaluate_checkpoint(ck: dict, ckpt_path: Path, cfg: Config, split: str, mode
     articles = load_articles(cfg.data, split, tok)
     lm = LSTMLM(cfg.model, tok.vocab_size)
     params = {k: v.to(device) for k, v in ck["params"].items()}
+    if "learned" in modes and "learner" not in ck:
+        raise ConfigError(f"{ckpt_path}: mode 'learned' needs a checkpoint written by `dynlm metatrain`")
     e = cfg.eval
-    results = {"static": score_static(lm, params, articles, eos_id=tok.eos_id, segment_length=e.segment_length,
-                                      batch_size=e.batch_size, boundary=e.boundary, device=device, bf16=cfg.train.bf16)}
+    ms = None
+    if "dyneval" in modes:
+        train_layout = StreamLayout(load_articles(cfg.data, "train", tok), e.batch_size, e.segment_length, tok.eos_id)
+        names = adapted_names(lm, cfg.rule, "dyneval", params)
+        ms = compute_grad_rms(lm, params, train_layout, names, cfg.rule.grad_rms_chunks, device)
+    results = {}
+    for mode in modes:
+        names = adapted_names(lm, cfg.rule, mode, params)
+        rule = make_rule(mode, cfg.rule, names, ms=ms, learner_state=ck.get("learner")).to(device)
+        results[mode] = score(lm, params, articles, eos_id=tok.eos_id, segment_length=e.segment_length,
+                              batch_size=e.batch_size, boundary=e.boundary, device=device, bf16=cfg.train.bf16,
+                              rule=rule, names=names, desc=mode)
     summary = write_results(out, results, articles, per_word=cfg.data.tokenizer != "word")
     print(f"\n{split}: {len(articles)} articles, {sum(len(a) for a in articles):,} tokens  ->  {out}")
     print(markdown_table(summary))

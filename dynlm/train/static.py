@@ -13,7 +13,7 @@ from ..checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_che
 from ..config import Config, save_config, to_dict
 from ..data.streams import StreamLayout
 from ..device import autocast, resolve_device
-from ..evaluate import perplexity, reset_rows, score_static
+from ..evaluate import perplexity, reset_rows, score
 from ..model import LSTMLM
 from ..tracking import Tracker
 from .setup import prepare_data
@@ -81,7 +81,7 @@ def train_static(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
                 "vocab_size": tok.vocab_size, "tokenizer_fingerprint": tok.fingerprint()}
 
     def validate() -> float:
-        s = score_static(lm, {k: v.detach() for k, v in params.items()}, valid_arts, eos_id=tok.eos_id,
+        s = score(lm, {k: v.detach() for k, v in params.items()}, valid_arts, eos_id=tok.eos_id,
                          segment_length=cfg.eval.segment_length, batch_size=cfg.eval.batch_size,
                          boundary=cfg.eval.boundary, device=device, bf16=t.bf16, desc="valid")
         return perplexity(float(s.nll.sum()), len(s.nll))
