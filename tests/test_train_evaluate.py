@@ -95,3 +95,18 @@ def test_demo_writes_per_article_results(tmp_path, tiny_overrides):
     assert main(["demo", "--out", str(out), *[f"--{o}" for o in tiny_overrides]]) == 0
     summary = json.loads(next(out.rglob("summary.json")).read_text())
     assert summary["modes"]["static"]["ppl"] > 1 and next(out.rglob("per_article.csv")).exists()
+
+
+def test_metatrain_then_evaluate_every_rule(trained, tmp_path):
+    meta = tmp_path / "meta"
+    assert main(["metatrain", "--init", str(trained / "checkpoints" / "best.pt"), "--out", str(meta),
+                 "--meta.steps=2", "--meta.unroll=2", "--meta.chunk=5", "--meta.batch_size=2",
+                 "--meta.log_every=1"]) == 0
+    lines = [json.loads(l) for l in (meta / "metrics.jsonl").read_text().splitlines()]
+    assert {"meta/loss", "meta/static_loss", "meta/gain", "meta/forget_gate"} <= set(lines[-1])
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--checkpoint", str(meta / "checkpoints" / "last.pt"), "--split", "valid",
+                 "--modes", "static,sgd,dyneval,learned", "--out", str(out), "--rule.grad_rms_chunks=3"]) == 0
+    modes = json.loads((out / "summary.json").read_text())["modes"]
+    assert set(modes) == {"static", "sgd", "dyneval", "learned"}
+    assert all(m["n_tokens"] == modes["static"]["n_tokens"] and math.isfinite(m["ppl"]) for m in modes.values())
