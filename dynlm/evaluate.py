@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .data.articles import Article
 from .data.streams import StreamLayout
 from .device import autocast
-from .model import LSTMLM, Params, State
+from .model import LSTMLM, Params
 from .rules.base import Rule, StaticRule
 from .unroll import chunk_step, reset_streams, start_reader
 
@@ -37,14 +37,6 @@ class TokenScores:
     def sorted(self) -> "TokenScores":
         order = np.lexsort((self.position, self.article))
         return TokenScores(self.article[order], self.position[order], self.token[order], self.nll[order], self.seconds)
-
-
-def reset_rows(state: State, new_article: torch.Tensor) -> State:
-    """Zero the hidden state of streams that start a new article. new_article (B,)."""
-    if not bool(new_article.any()):
-        return state
-    keep = (~new_article).to(state[0][0].dtype).unsqueeze(1)  # (B, 1)
-    return [(h * keep, c * keep) for h, c in state]
 
 
 def score(

@@ -37,6 +37,14 @@ def start_reader(lm: LSTMLM, theta0: Params, rule: Rule, names: list[str], batch
     return Reader(lm.init_state(batch, device=device, dtype=dtype), fast, rule.init_state(fast) if fast else {})
 
 
+def reset_rows(state: State, new_article: torch.Tensor) -> State:
+    """Zero the hidden state of streams that start a new article. new_article (B,)."""
+    if not bool(new_article.any()):
+        return state
+    keep = (~new_article).to(state[0][0].dtype).unsqueeze(1)  # (B, 1)
+    return [(h * keep, c * keep) for h, c in state]
+
+
 def reset_streams(reader: Reader, theta0: Params, rule: Rule, new_article: Tensor) -> Reader:
     """Streams starting a new article go back to theta0, a zero hidden state and fresh rule state."""
     if not bool(new_article.any()):
@@ -45,7 +53,7 @@ def reset_streams(reader: Reader, theta0: Params, rule: Rule, new_article: Tenso
     def pick(fresh, old):  # (B, ...) where new_article, else old
         return torch.where(new_article.view(-1, *([1] * (old.dim() - 1))), fresh, old)
 
-    hidden = [(pick(torch.zeros_like(h), h), pick(torch.zeros_like(c), c)) for h, c in reader.hidden]
+    hidden = reset_rows(reader.hidden, new_article)
     fast = {k: pick(theta0[k].expand_as(w), w) for k, w in reader.fast.items()}
     fresh = rule.init_state(fast) if fast else {}
     return Reader(hidden, fast, {k: pick(fresh[k], v) for k, v in reader.rule_state.items()})

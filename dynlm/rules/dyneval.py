@@ -26,7 +26,7 @@ class DynEvalRule(Rule):
 
 def compute_grad_rms(lm, params, layout, names: list[str], n_chunks: int, device) -> dict[str, torch.Tensor]:
     """MS: root-mean-square over training chunks of the gradient of each chunk's mean loss."""
-    from ..evaluate import reset_rows  # local: evaluate imports the rules
+    from ..unroll import reset_rows  # local: the unroll imports the rules package
 
     sq = {k: torch.zeros_like(params[k]) for k in names}
     state = lm.init_state(layout.n_streams, device=device)

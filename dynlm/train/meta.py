@@ -14,11 +14,10 @@ from ..checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, rn
 from ..config import Config, ConfigError, save_config, to_dict
 from ..data.streams import StreamLayout
 from ..device import resolve_device
-from ..evaluate import reset_rows
 from ..model import LSTMLM
 from ..rules import adapted_names, make_rule
 from ..tracking import Tracker
-from ..unroll import chunk_step, reset_streams, start_reader
+from ..unroll import chunk_step, reset_rows, reset_streams, start_reader
 from .setup import prepare_data
 
 

@@ -13,7 +13,8 @@ from ..checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_che
 from ..config import Config, save_config, to_dict
 from ..data.streams import StreamLayout
 from ..device import autocast, resolve_device
-from ..evaluate import perplexity, reset_rows, score
+from ..evaluate import perplexity, score
+from ..unroll import reset_rows
 from ..model import LSTMLM
 from ..tracking import Tracker
 from .setup import prepare_data
