@@ -11,6 +11,7 @@ import os
 import random
 import re
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,11 @@ _ROTATING = re.compile(r"^ckpt_step(\d{8,})\.pt$")
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, truncated or otherwise unreadable."""
+    """A checkpoint that is missing, truncated or otherwise unreadable, or does not fit the run."""
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint was skipped (unreadable) and an older one used instead."""
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -84,6 +89,66 @@ def latest_checkpoint(directory) -> Path | None:
     return found[-1][1] if found else None
 
 
+def resume_candidates(directory) -> list[Path]:
+    """Checkpoints to resume from, newest first: ckpt_step*.pt by step, then last.pt.
+    (save_rotating writes the step file before last.pt, so last.pt is never newer.)"""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [p for _, p in reversed(_rotating(directory))]
+    return found + ([directory / LAST] if (directory / LAST).is_file() else [])
+
+
+def load_latest_checkpoint(directory, map_location="cpu", check=None) -> tuple[dict, Path] | None:
+    """The newest readable checkpoint in `directory` as (state, path); None if there is none.
+
+    Policy: an unreadable (truncated/corrupted) file is left in place for inspection, a
+    CheckpointWarning names it, and the next older checkpoint is tried; if none can be read,
+    CheckpointError lists them all. `check(state, path)` may raise CheckpointError for a readable
+    checkpoint that does not fit this run (other config/vocabulary): that is a user error, so it
+    is raised at once rather than hidden by falling back."""
+    skipped = []
+    for path in resume_candidates(directory):
+        try:
+            state = load_checkpoint(path, map_location=map_location)
+        except CheckpointError as e:
+            warnings.warn(f"{e}; trying the previous checkpoint", CheckpointWarning, stacklevel=2)
+            skipped.append(path.name)
+            continue
+        if check is not None:
+            check(state, path)
+        if skipped:
+            warnings.warn(f"resuming from {path} (skipped unreadable {', '.join(skipped)})",
+                          CheckpointWarning, stacklevel=2)
+        return state, path
+    if skipped:
+        raise CheckpointError(f"no readable checkpoint in {directory}: {', '.join(skipped)} are all "
+                              "truncated or corrupted")
+    return None
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_mismatches(saved: dict, current: dict, keys, ignore=()) -> list[str]:
+    """['model.hidden_size: checkpoint 24, now 32', ...] for dotted `keys` (a section name covers
+    the whole section) whose values differ between two config dicts; `ignore` exempts keys.
+    Keys the checkpoint does not have (options added to the code since) are not compared."""
+    flat_saved, flat_now = _flatten(saved), _flatten(current)
+    selected = [k for k in sorted(flat_saved)
+                if any(k == key or k.startswith(key + ".") for key in keys) and k not in ignore]
+    return [f"{k}: checkpoint {flat_saved[k]!r}, now {flat_now[k]!r}" if k in flat_now
+            else f"{k}: checkpoint {flat_saved[k]!r}, now absent"
+            for k in selected if k not in flat_now or flat_saved[k] != flat_now[k]]
+
+
 def load_checkpoint(path, map_location="cpu") -> dict:
     path = Path(path)
     if not path.is_file():
@@ -93,6 +158,9 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     except Exception as e:  # noqa: BLE001 - translate torch/zip/pickle errors into one clear message
         size = path.stat().st_size
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        if first.startswith("Weights only load failed"):  # torch's advice to unpickle unsafely does not apply
+            first = "not a torch zip checkpoint, or it holds objects other than tensors and plain values"
+        first = first.split(". This is an internal miniz error")[0]  # keep the first sentence
         raise CheckpointError(
             f"checkpoint {path} ({size} bytes) is truncated or corrupted and cannot be loaded: "
             f"{type(e).__name__}: {first[:300]}") from None

@@ -9,6 +9,7 @@ from .checkpoint import CheckpointError
 from .checkpoint import load_checkpoint
 from .config import ConfigError, load_config
 from .data.errors import DataError
+from .faults import NumericalFaultError
 
 PRESETS = Path(__file__).parent / "presets"
 
@@ -32,8 +33,10 @@ def cmd_train(args, extra):
     from .train.static import train_static
     cfg = _config(args, extra)
     result = train_static(cfg, Path(cfg.log.out_dir), resume=args.resume)
-    print(f"best valid ppl {result['best_valid_ppl']:.2f} after {result['steps']} steps "
-          f"({result['minutes']:.1f} min); checkpoint {result['checkpoint']}")
+    if result["is_main"]:
+        print(f"best valid ppl {result['best_valid_ppl']:.2f} after {result['steps']} steps "
+              f"({result['minutes']:.1f} min); checkpoint {result['checkpoint']}")
+    return _signal_exit_code(result)
 
 
 def cmd_metatrain(args, extra):
@@ -41,22 +44,74 @@ def cmd_metatrain(args, extra):
     base = load_checkpoint(args.init)["config"] if args.init else None
     cfg = _config(args, extra, base=base)
     result = metatrain(cfg, Path(cfg.log.out_dir), init=Path(args.init) if args.init else None, resume=args.resume)
-    print(f"meta-trained {result['steps']} steps ({result['minutes']:.1f} min); checkpoint {result['checkpoint']}")
+    valid = (f"; validation ppl static {result['meta/valid_ppl_static']:.2f} -> learned "
+             f"{result['meta/valid_ppl_learned']:.2f}" if "meta/valid_ppl_learned" in result else "")
+    print(f"meta-trained {result['steps']} steps ({result['minutes']:.1f} min){valid}; checkpoint {result['checkpoint']}")
+    return _signal_exit_code(result)
+
+
+def _signal_exit_code(result: dict) -> int:
+    """SIGINT/SIGTERM stopped the run (checkpoint saved): 128 + signal number, as a shell reports it."""
+    if result.get("stopped_by"):
+        import signal
+        return 128 + signal.Signals[result["stopped_by"]].value
+    return 0
 
 
 def cmd_evaluate(args, extra):
     from .run_eval import evaluate_checkpoint
+    from .tune import tuned_in_effect, tuned_path
     ck = load_checkpoint(args.checkpoint)
-    cfg = _config(args, extra, base=ck["config"])
+    tuned = tuned_path(Path(args.checkpoint))
+    use_tuned = tuned.exists() and not args.ignore_tuned
+    # RUN/tuned.yaml sits between the checkpoint's config and --config files / --rule.x=y overrides
+    cfg = _config(args, extra, base=ck["config"], presets=[tuned] if use_tuned else [])
     out = Path(args.out or Path(cfg.log.out_dir) / f"eval_{args.split}")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    evaluate_checkpoint(ck, Path(args.checkpoint), cfg, args.split, modes, out)
+    info = tuned_in_effect(tuned, Path(args.checkpoint), cfg) if use_tuned else None
+    evaluate_checkpoint(ck, Path(args.checkpoint), cfg, args.split, modes, out, tuned=info)
+
+
+def cmd_tune(args, extra):
+    from .tune import tune_checkpoint
+    ck = load_checkpoint(args.checkpoint)
+    cfg = _config(args, extra, base=ck["config"])
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()] if args.modes else cfg.tune.modes
+    tune_checkpoint(ck, Path(args.checkpoint), cfg, modes, args.split or cfg.tune.split,
+                    cfg.tune.articles if args.articles is None else args.articles)
+
+
+def cmd_report(args, extra):
+    from .report import render_report
+    cfg = _config(args, extra)
+    report = render_report(Path(args.eval), cfg.report)
+    print(f"{report.message}:")
+    for path in report.files.values():
+        print(f"  {path}")
 
 
 def cmd_demo(args, extra):
     from .demo import run_demo
     cfg = _config(args, extra, presets=[PRESETS / "demo.yaml"])
     run_demo(cfg, Path(cfg.log.out_dir))
+
+
+def cmd_experiment(args, extra):
+    from .experiments import run_experiments
+    bad = [e for e in extra if not (e.startswith("--") and "=" in e and "." in e.split("=")[0])]
+    if bad:
+        raise ConfigError(f"unrecognised argument(s) {bad}; overrides look like --section.key=value")
+    return run_experiments(args.name, args.scale, extra, data_dir=args.data_dir, dry_run=args.dry_run,
+                           results_only=args.results, runs=Path(args.runs),
+                           results_file=Path(args.results_file) if args.results_file else None,
+                           readme=Path(args.readme) if args.readme else None,
+                           redo=[x.strip() for x in args.redo.split(",") if x.strip()] if args.redo else [])
+
+
+def cmd_bench(args, extra):
+    from .bench import run_bench
+    cfg = _config(args, extra + ([f"--bench.device={args.device}"] if args.device else []))
+    run_bench(cfg, Path(args.json_out))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,12 +133,60 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by `dynlm train`")
     p.add_argument("--split", default="valid", help="train | valid | test")
-    p.add_argument("--modes", default="static", help="comma-separated modes: static,sgd,dyneval,learned")
+    p.add_argument("--modes", default="static", help="comma-separated modes: static,sgd,dyneval,cache,learned")
+    p.add_argument("--ignore-tuned", action="store_true",
+                   help="do not load RUN/tuned.yaml (written by `dynlm tune`), which is otherwise used when present")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("tune", help="grid-search the sgd / dyneval / cache hyperparameters on validation articles; "
+                                    "saves the best to RUN/tuned.yaml for `evaluate`")
+    _common(p)
+    p.add_argument("--checkpoint", required=True, help="a checkpoint written by `dynlm train` or `dynlm metatrain`")
+    p.add_argument("--modes", help="comma-separated subset of sgd,dyneval,cache (default: tune.modes)")
+    p.add_argument("--articles", type=int, help="tune on the first N articles of the split, 0 = all (default: tune.articles)")
+    p.add_argument("--split", help="split to tune on (default: tune.split, i.e. valid)")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("demo", help="the main job on the bundled synthetic corpus: train, then evaluate per article")
     _common(p, out_default="runs/demo")
     p.set_defaults(func=cmd_demo)
+
+    from .experiments_registry import EXPERIMENTS, README_FILE, RESULTS_FILE, SCALES
+    p = sub.add_parser("experiment", help="run one of the paper's experiments end to end (prepare, train, metatrain, "
+                                          "tune, evaluate, report), reusing every stage already done")
+    p.add_argument("name", nargs="?", help=f"{', '.join(EXPERIMENTS)}, or all")
+    p.add_argument("--scale", choices=SCALES, default="cpu",
+                   help="cpu: WikiText-2, a small model (default); paper: WikiText-103, AWD-LSTM-sized, GPU")
+    p.add_argument("--data-dir", metavar="DIR", help="read WikiText from DIR (wiki.{split}.tokens) instead of the "
+                                                     "scale's default source")
+    p.add_argument("--dry-run", action="store_true", help="print the stages and what each would do; run nothing")
+    p.add_argument("--results", action="store_true", help="only regenerate RESULTS.md and README's table from the runs")
+    p.add_argument("--redo", metavar="STAGES", help="tune,evaluate: run these again even when done (evaluate then "
+                                                    "says whether it reproduced the recorded numbers)")
+    p.add_argument("--runs", default="runs", metavar="DIR",
+                   help="runs root: stages go under DIR/experiments/SCALE/, reusable runs are looked for in DIR/*")
+    p.add_argument("--results-file", default=str(RESULTS_FILE), metavar="MD", help="the generated results file ('' = none)")
+    p.add_argument("--readme", default=str(README_FILE), metavar="MD",
+                   help="README whose generated section is refreshed ('' = none)")
+    p.set_defaults(func=cmd_experiment, out=None)
+    p.epilog = ("Any config value can be overridden for every stage with --section.key=value (the base model "
+                "only sees model/data/train/log overrides), e.g. --eval.max_articles=10 --meta.max_minutes=5.")
+
+    p = sub.add_parser("bench", help="throughput and memory of static training, online evaluation and meta-training, "
+                                     "as ratios against static training")
+    p.add_argument("--config", action="append", default=[], metavar="YAML", help="experiment file(s) of overrides")
+    p.add_argument("--out", dest="json_out", default="runs/bench.json", metavar="JSON",
+                   help="where to write the results (default: runs/bench.json)")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (sets bench.device)")
+    p.set_defaults(func=cmd_bench, out=None)
+    p.epilog = ("Sizes are overridden with --section.key=value, e.g. --bench.batch_size=4 --bench.repeats=5 "
+                "--model.hidden_size=512 --bench.threads=1.")
+
+    p = sub.add_parser("report", help="plots and an HTML heat-map of per-token loss improvements from `evaluate`'s output")
+    p.add_argument("--eval", required=True, metavar="DIR", help="directory written by `dynlm evaluate --out DIR`")
+    p.add_argument("--config", action="append", default=[], metavar="YAML", help="experiment file(s) of overrides")
+    p.set_defaults(func=cmd_report, out=None)
+    p.epilog = "Report settings are overridden with --report.key=value, e.g. --report.bin_width=100."
     return parser
 
 
@@ -91,11 +194,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     try:
-        args.func(args, extra)
+        rc = args.func(args, extra)
+        return rc if isinstance(rc, int) else 0
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"dynlm {args.command}: error: {e}", file=sys.stderr)
         return 2
-    return 0
+    except NumericalFaultError as e:  # diverged: not the user's input, so its own exit code
+        print(f"dynlm {args.command}: error: {e}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

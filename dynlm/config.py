@@ -22,6 +22,7 @@ class SyntheticConfig:
     n_test: int = 16
     min_tokens: int = 300  # article length range (tokens incl. <eos>)
     max_tokens: int = 2000
+    topic_share: float = 0.2  # share of noun slots filled by the article's own topic words (what adaptation exploits)
 
 
 @dataclass
@@ -72,6 +73,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     bf16: bool = False  # autocast to bfloat16
     boundary: str = "reset"  # reset | continuous (hidden state at article starts)
+    max_bad_steps: int = 5  # consecutive non-finite loss/grad steps (each skipped) before the run stops
+    keep_checkpoints: int = 3  # rotating ckpt_step*.pt files kept (plus last.pt and best.pt)
 
 
 @dataclass
@@ -80,6 +83,7 @@ class EvalConfig:
     segment_length: int = 35
     batch_size: int = 8
     boundary: str = "reset"
+    max_articles: int = 0  # `evaluate`: score only the first N articles of the split (0 = all); cheaper runs
 
 
 @dataclass
@@ -91,12 +95,34 @@ class RuleConfig:
     dyneval_lamb: float = 2e-3
     dyneval_eps: float = 2e-5
     dyneval_all_weights: bool = False  # also adapt embeddings/softmax
-    grad_rms_chunks: int = 200  # training chunks averaged for the MS statistics
-    learner: str = "ff"  # ff (MLP over features) | rnn (GRU cell per coordinate)
-    learner_hidden: int = 8
+    grad_rms_chunks: int = 200  # training chunks averaged for the MS statistics (x eval.batch_size segments)
+    cache_window: int = 2000  # neural cache (Grave et al. 2016): positions remembered (their WikiText-2 size)
+    cache_theta: float = 0.3  # flatness of the cache attention exp(theta * h_t . h_i)
+    cache_lambda: float = 0.1  # p = (1 - lambda) p_LM + lambda p_cache
+    learner: str = "ff"  # ff (feed-forward) | rnn (recurrent: previous gates, or a GRU cell if hidden > 0)
+    learner_hidden: int = 0  # 0: gates linear in the features (cheap); > 0: MLP / GRU of this width
     forget_bias: float = 5.0  # sigmoid(5) = 0.993 per update: keep the weights at first
     init_lr: float = 3e-4  # step size of an untrained learner (per tensor, learned)
     max_step: float = 3.0  # bound on the normalised step, so updates cannot run away
+    compile: bool = True  # torch.compile the learned update of large tensors (a one-off ~30-60 s)
+
+
+@dataclass
+class TuneConfig:
+    """`dynlm tune`: grid search of the baselines' rule.* values on the first `articles` articles of
+    `split`. A best value on the edge of its grid extends that grid one step (up to `max_extensions`
+    times per mode). Per-update rates (sgd_lr, dyneval_lr, dyneval_lamb) are given at
+    `reference_segment_length` and scaled by eval.segment_length / reference_segment_length."""
+    split: str = "valid"
+    articles: int = 10  # 0 = the whole split
+    modes: list[str] = field(default_factory=lambda: ["sgd", "dyneval", "cache"])
+    reference_segment_length: int = 5  # Krause's LSTM segment length, where his grid below lives
+    sgd_lr: list[float] = field(default_factory=lambda: [1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2])
+    dyneval_lr: list[float] = field(default_factory=lambda: [3e-5, 4e-5, 5e-5, 6e-5, 7e-5, 1e-4])  # Krause
+    dyneval_lamb: list[float] = field(default_factory=lambda: [1e-3, 2e-3, 3e-3, 5e-3])  # Krause
+    cache_theta: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.5, 0.8])
+    cache_lambda: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.15, 0.2, 0.3])
+    max_extensions: int = 3
 
 
 @dataclass
@@ -110,8 +136,51 @@ class MetaConfig:
     theta0_lr: float = 1e-4  # outer Adam on theta0 (0 = keep theta0 fixed)
     clip: float = 1.0
     second_order: bool = False  # create_graph through the inner gradients
+    checkpoint: bool = False  # gradient checkpointing of chunk steps: memory flat in the unroll length
     boundary: str = "reset"  # reset | continuous
+    ewc_lambda: float = 0.0  # continuous: weight of the Fisher-weighted distance of fast weights from theta0
+    ewc_chunks: int = 50  # training chunks for the diagonal Fisher estimate
+    static_lr: float = 0.0  # outer Adam on embeddings/softmax too (0 = they stay the long-term memory as is)
     log_every: int = 20
+    eval_every: int = 0  # steps between validations of learned vs static (0 = only at the end)
+    valid_articles: int = 8  # validation articles for those checks (0 = all)
+    checkpoint_every: int = 100  # steps between rotating checkpoints (also on SIGINT/SIGTERM and at the end)
+    keep_checkpoints: int = 3
+    max_bad_steps: int = 5  # consecutive non-finite meta-steps (each skipped) before the run stops
+    seed: int = 0
+
+
+@dataclass
+class ReportConfig:
+    """`dynlm report`: plots and the HTML heat-map rendered from an evaluation's tokens.parquet."""
+    bin_width: int = 50  # tokens per position bin of the improvement-vs-position curve
+    stream_articles: int = 4  # consecutive articles (A, B, C, ...) in the stream figure
+    smooth_window: int = 50  # trailing moving-average window (tokens) of the stream figure
+    html_articles: int = 3  # articles shown in heatmap.html
+    html_select: str = "first"  # first (stream order) | gain (largest mean improvement, per mode)
+    html_max_tokens: int = 2000  # tokens shown per article in heatmap.html (keeps the page small)
+    color_scale: float = 1.0  # |NLL difference| in nats that gets the full blue / red
+
+
+@dataclass
+class BenchConfig:
+    """`dynlm bench`: one model (model.*), `batch_size` streams and random Zipfian tokens for every
+    measurement; chunks of eval.segment_length tokens (and short_segment), meta-steps of meta.unroll
+    chunks, rules as rule.* says."""
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (also `dynlm bench --device`)
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
+    threads: int = 0  # torch CPU threads, 0 = torch's default (1 avoids oversubscribing a busy machine)
+    vocab_size: int = 10000
+    batch_size: int = 8  # streams, the same for every throughput measurement
+    short_segment: int = 5  # the second evaluation segment length (Krause's)
+    learner_hidden: int = 16  # width of the extra `learned ff, hidden > 0` row
+    warmup: int = 1  # untimed calls per measurement (torch.compile compiles here)
+    repeats: int = 3  # timed repeats per measurement; the median is reported
+    steps: int = 2  # chunk steps per timed call (meta-training: one meta-step per call)
+    memory_unrolls: list[int] = field(default_factory=lambda: [1, 4, 16, 64])
+    memory_batch_size: int = 1  # streams in the memory probes: K=64 without checkpointing keeps 64 steps' graphs
+    memory_parallel: int = 2  # probe subprocesses at once on CPU (each measures its own RSS)
+    memory_timeout_s: float = 600.0  # per memory probe subprocess
     seed: int = 0
 
 
@@ -133,8 +202,11 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     rule: RuleConfig = field(default_factory=RuleConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     meta: MetaConfig = field(default_factory=MetaConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
 
 
 def to_dict(cfg) -> dict:
@@ -150,6 +222,8 @@ def _check_value(value, hint, where: str):
         return [_check_value(v, item_hint, f"{where}[]") for v in value]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str) and _looks_numeric(value):
+        return float(value)  # YAML 1.1 reads 3e-5 (no dot) as a string, in files and in lists alike
     if hint is bool and not isinstance(value, bool):
         raise ConfigError(f"{where}: expected true/false, got {value!r}")
     if hint in (int, float, str) and (not isinstance(value, hint) or isinstance(value, bool)):

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
+from .cache import CacheSettings, cache_step, clear_rows, empty_cache
 from .data.articles import Article
 from .data.streams import StreamLayout
 from .device import autocast
@@ -42,22 +43,29 @@ class TokenScores:
 def score(
     lm: LSTMLM, params: Params, articles: list[Article], *, eos_id: int, segment_length: int,
     batch_size: int, boundary: str = "reset", device=torch.device("cpu"), bf16: bool = False,
-    rule: Rule | None = None, names: list[str] = (), desc: str = "static",
+    rule: Rule | None = None, names: list[str] = (), desc: str = "static", cache: CacheSettings | None = None,
 ) -> TokenScores:
-    """Prequential per-token NLL of `articles` read as B streams, adapting with `rule`."""
+    """Prequential per-token NLL of `articles` read as B streams, adapting with `rule` and,
+    with `cache`, mixing in the neural cache over each stream's recent hidden states."""
     rule = rule or StaticRule()
     layout = StreamLayout(articles, batch_size, segment_length, eos_id, pad_articles=boundary == "reset")
     theta0 = {k: v.detach() for k, v in params.items()}
     reader = start_reader(lm, theta0, rule, list(names), layout.n_streams, device)
+    dtype = next(iter(theta0.values())).dtype
+    memory = empty_cache(layout.n_streams, cache.window, lm.sizes[-1], device, dtype) if cache else None
     cols: list[list[np.ndarray]] = [[], [], [], []]
     start = time.perf_counter()
     for chunk in tqdm(layout, desc=desc, leave=False, mininterval=2):
         chunk = chunk.to(device)
         if boundary == "reset":
             reader = reset_streams(reader, theta0, rule, chunk.new_article)
+            if memory is not None:
+                memory = clear_rows(memory, chunk.new_article)
         with autocast(device, bf16):
-            nll, reader, _ = chunk_step(lm, theta0, theta0, rule, reader, chunk)
-        reader.hidden = [(h.float(), c.float()) for h, c in reader.hidden]
+            nll, reader, stats = chunk_step(lm, theta0, theta0, rule, reader, chunk)
+        reader.hidden = [(h.to(dtype), c.to(dtype)) for h, c in reader.hidden]  # undo autocast's bf16
+        if memory is not None:
+            nll, memory = cache_step(memory, stats["out"], nll, chunk.targets, chunk.mask, cache)
         m = chunk.mask
         for col, t in zip(cols, (chunk.article[m], chunk.position[m], chunk.targets[m], nll[m].double())):
             col.append(t.cpu().numpy())
@@ -99,21 +107,29 @@ def summarize(results: dict[str, TokenScores], articles: list[Article], per_word
     return {"modes": modes}
 
 
-def write_results(out_dir: Path, results: dict[str, TokenScores], articles: list[Article], per_word: bool) -> dict:
-    """per_article.csv, summary.json and tokens.parquet (one NLL column per mode)."""
+def write_results(out_dir: Path, results: dict[str, TokenScores], articles: list[Article], per_word: bool,
+                  tokenizer=None, extra: dict | None = None) -> dict:
+    """per_article.csv, summary.json and tokens.parquet (one NLL column per mode; with `tokenizer`
+    also a `text` column and the tokenizer kind / <eos> text in the file metadata, for the report)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = [r for mode, s in results.items() for r in per_article_rows(mode, articles, s, per_word)]
     with open(out_dir / "per_article.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    summary = summarize(results, articles, per_word)
+    summary = {**summarize(results, articles, per_word), **(extra or {})}  # extra: e.g. the tuned values used
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     first = next(iter(results.values()))
     table = {"article_id": [articles[i].id for i in first.article], "position": first.position,
              "token": first.token}
+    metadata = None
+    if tokenizer is not None:
+        # decode each distinct id once; the report colours tokens by their text
+        ids, inverse = np.unique(first.token, return_inverse=True)
+        table["text"] = np.array([tokenizer.id_to_token(int(i)) for i in ids], dtype=object)[inverse]
+        metadata = {"dynlm.tokenizer": tokenizer.kind, "dynlm.eos_text": tokenizer.id_to_token(tokenizer.eos_id)}
     table.update({f"nll_{mode}": s.nll for mode, s in results.items()})
-    pq.write_table(pa.table(table), out_dir / "tokens.parquet")
+    pq.write_table(pa.table(table, metadata=metadata), out_dir / "tokens.parquet")
     return summary
 
 

@@ -60,17 +60,30 @@ def reset_streams(reader: Reader, theta0: Params, rule: Rule, new_article: Tenso
 
 
 def chunk_step(lm: LSTMLM, params: Params, theta0: Params, rule: Rule, reader: Reader, chunk: Chunk, *,
-               meta: bool = False, second_order: bool = False) -> tuple[Tensor, Reader, dict]:
-    """Score `chunk` with the current weights, then let the rule update them. Returns nll (B, T)."""
+               meta: bool = False, second_order: bool = False, checkpoint: bool = False) -> tuple[Tensor, Reader, dict]:
+    """Score `chunk` with the current weights, then let the rule update them.
+
+    Returns nll (B, T), the new reader, and stats (the rule's gate means, and "out": the top-layer
+    outputs (B, T, H), detached, for the neural cache). checkpoint (meta only): keep nothing of the
+    step for the backward pass but its inputs and recompute it then, so memory does not grow with
+    the unroll length (the paper's "hidden-state memorization")."""
+    if checkpoint and meta:
+        return torch.utils.checkpoint.checkpoint(_chunk_step, lm, params, theta0, rule, reader, chunk, meta,
+                                                 second_order, use_reentrant=False)
+    return _chunk_step(lm, params, theta0, rule, reader, chunk, meta, second_order)
+
+
+def _chunk_step(lm, params, theta0, rule, reader, chunk, meta, second_order):
     if not meta or any(not v.requires_grad for v in reader.fast.values()):
         # evaluation, or just after truncation: the weights are constants we differentiate at
         reader = Reader(reader.hidden, {k: v if meta and v.requires_grad else v.detach().requires_grad_()
                                         for k, v in reader.fast.items()}, reader.rule_state)
     with torch.enable_grad() if rule.adapts else torch.no_grad():
-        out, hidden = lm.hidden({**params, **reader.fast}, chunk.inputs, reader.hidden)
-        nll = lm.nll({**params, **reader.fast}, out, chunk.targets) * chunk.mask  # (B, T)
+        weights = {**params, **reader.fast}
+        out, hidden = lm.hidden(weights, chunk.inputs, reader.hidden, double_backward=meta and second_order)
+        nll = lm.nll(weights, out, chunk.targets) * chunk.mask  # (B, T)
         if not rule.adapts:
-            return nll, Reader(hidden, reader.fast, reader.rule_state), {}
+            return nll, Reader(hidden, reader.fast, reader.rule_state), {"out": out.detach()}
         n = chunk.mask.sum(1).clamp(min=1)  # (B,)
         loss = nll.sum(1) / n  # (B,) each stream's own mean: its gradient is that stream's
         grads = torch.autograd.grad(loss.sum(), list(reader.fast.values()), retain_graph=meta,
@@ -78,8 +91,9 @@ def chunk_step(lm: LSTMLM, params: Params, theta0: Params, rule: Rule, reader: R
     # first order: the learner sees the gradient as a constant input (the paper's choice)
     grads = {k: g if second_order else g.detach() for k, g in zip(reader.fast, grads)}
     fast, rule_state, stats = rule.update(reader.fast, grads, theta0, reader.rule_state, loss.detach())
-    # padding rows (streams that have run out) must not move
-    active = chunk.mask.any(1)
-    fast = {k: torch.where(active.view(-1, *([1] * (w.dim() - 1))), w, reader.fast[k]) for k, w in fast.items()}
+    active = chunk.mask.any(1)  # (B,)
+    if not bool(active.all()):  # padding rows (streams that have run out) must not move
+        fast = {k: torch.where(active.view(-1, *([1] * (w.dim() - 1))), w, reader.fast[k]) for k, w in fast.items()}
     new = Reader(hidden, fast, rule_state)
+    stats["out"] = out.detach()
     return (nll if meta else nll.detach()), (new if meta else new.detached()), stats

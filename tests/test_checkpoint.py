@@ -64,3 +64,45 @@ def test_rng_state_round_trip(tmp_path):
     _draw(); _draw()  # move every generator on
     set_rng_state(load_checkpoint(tmp_path / "rng.pt")["rng"])
     assert _draw() == expected
+
+
+def test_resume_falls_back_past_unreadable_checkpoints_only(tmp_path):
+    from dynlm.checkpoint import CheckpointWarning, load_latest_checkpoint, resume_candidates
+
+    assert load_latest_checkpoint(tmp_path) is None  # nothing to resume: the caller starts fresh
+    for step in (10, 20, 30):
+        save_rotating(_state(step), tmp_path, step)
+    assert [p.name for p in resume_candidates(tmp_path)] == [
+        "ckpt_step00000030.pt", "ckpt_step00000020.pt", "ckpt_step00000010.pt", "last.pt"]
+    (tmp_path / "ckpt_step00000030.pt").write_bytes(b"\x00" * 10)
+    with pytest.warns(CheckpointWarning, match=r"ckpt_step00000030\.pt.*truncated or corrupted"):
+        state, path = load_latest_checkpoint(tmp_path)
+    assert (state["step"], path.name) == (20, "ckpt_step00000020.pt")
+    assert (tmp_path / "ckpt_step00000030.pt").exists()  # kept for inspection, never deleted
+
+    def refuse(state, path):  # an incompatible checkpoint is the user's error: no silent fallback
+        raise CheckpointError(f"{path.name} does not fit")
+
+    with pytest.warns(CheckpointWarning), pytest.raises(CheckpointError, match="ckpt_step00000020.pt does not fit"):
+        load_latest_checkpoint(tmp_path, check=refuse)
+    for p in tmp_path.glob("*.pt"):
+        p.write_bytes(b"junk")
+    with pytest.warns(CheckpointWarning), pytest.raises(CheckpointError, match="no readable checkpoint"):
+        load_latest_checkpoint(tmp_path)
+
+
+def test_config_mismatches_names_each_differing_key():
+    from dynlm.checkpoint import config_mismatches
+
+    saved = {"model": {"hidden_size": 24, "n_layers": 1}, "train": {"lr": 1e-3, "bptt": 10}, "data": {"path": "a"}}
+    now = {"model": {"hidden_size": 32, "n_layers": 1, "new_option": 5}, "train": {"lr": 5e-4, "bptt": 20},
+           "data": {"path": "b"}}
+    assert config_mismatches(saved, now, ["model", "train.bptt", "data"], ignore=["data.path"]) == [
+        "model.hidden_size: checkpoint 24, now 32", "train.bptt: checkpoint 10, now 20"]
+
+
+def test_garbage_file_error_does_not_advise_unsafe_loading(tmp_path):
+    (tmp_path / "x.pt").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(tmp_path / "x.pt")
+    assert "x.pt (7 bytes)" in str(e.value) and "weights_only` set to `False" not in str(e.value)

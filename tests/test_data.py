@@ -212,3 +212,8 @@ def test_cache_hit(tmp_path, monkeypatch):
     assert all(np.array_equal(a.ids, b.ids) and b.ids.dtype == np.int32 for a, b in zip(first, second))
     with pytest.raises(pytest.fail.Exception):  # another split/max_articles is another key
         load_articles(DataConfig(cache_dir=cfg.cache_dir, max_articles=4), "valid", tok)
+
+
+def test_empty_split_is_an_error_naming_it():
+    with pytest.raises(DataError, match="'valid' split of data.source=synthetic has no articles"):
+        load_raw_split(DataConfig(synthetic=SyntheticConfig(n_valid=0)), "valid")

@@ -4,6 +4,7 @@ from torch import nn
 
 from dynlm.config import ModelConfig
 from dynlm.model import LSTMLM, lstm_layer_loop
+from dynlm.model.per_stream_lstm import per_stream_lstm
 
 
 def tiny(softmax="full", **kw):
@@ -74,7 +75,7 @@ def test_double_backward_through_per_stream_weights():
     lm, p = tiny()
     ps = {k: v.requires_grad_() for k, v in per_stream(lm, p, 2).items()}
     tokens = torch.randint(0, 50, (2, 5))
-    out, _ = lm.hidden(ps, tokens, lm.init_state(2, dtype=torch.float64))
+    out, _ = lm.hidden(ps, tokens, lm.init_state(2, dtype=torch.float64), double_backward=True)
     loss = lm.nll(ps, out, tokens).mean()
     (g,) = torch.autograd.grad(loss, ps["lstm.0.w_hh"], create_graph=True)
     (gg,) = torch.autograd.grad((g ** 2).sum(), ps["lstm.1.w_ih"])
@@ -89,6 +90,27 @@ def test_loop_layer_matches_fused_layer():
     b, (hb, cb) = lm._layer_fused(x, s, p["lstm.0.w_ih"], p["lstm.0.w_hh"], p["lstm.0.b"])
     torch.testing.assert_close(a, b)
     torch.testing.assert_close(ca, cb)
+
+
+def test_per_stream_backward_matches_autograd_loop():
+    # the hand-written backward against autograd through the plain loop, all inputs, float64
+    torch.manual_seed(0)
+    B, T, I, H = 3, 7, 5, 4
+    args = [torch.randn(B, T, I), torch.randn(B, H), torch.randn(B, H), torch.randn(B, 4 * H, I),
+            torch.randn(B, 4 * H, H), torch.randn(B, 4 * H)]
+    args = [a.double().requires_grad_() for a in args]
+    out_a, (h_a, c_a) = per_stream_lstm(args[0], (args[1], args[2]), *args[3:])
+    out_b, (h_b, c_b) = lstm_layer_loop(args[0], (args[1], args[2]), *args[3:])
+    torch.testing.assert_close(out_a, out_b)
+    # a loss that uses the outputs and both final states
+    w = torch.randn_like(out_a), torch.randn_like(h_a), torch.randn_like(c_a)
+    grads_a = torch.autograd.grad((out_a * w[0]).sum() + (h_a * w[1]).sum() + (c_a * w[2]).sum(), args)
+    grads_b = torch.autograd.grad((out_b * w[0]).sum() + (h_b * w[1]).sum() + (c_b * w[2]).sum(), args)
+    for ga, gb in zip(grads_a, grads_b):
+        torch.testing.assert_close(ga, gb)
+    assert torch.autograd.gradcheck(lambda *a: per_stream_lstm(a[0], (a[1], a[2]), *a[3:])[0],
+                                    [a.detach()[:, :3].clone().requires_grad_() if a.dim() == 3 and a.shape[1] == T
+                                     else a.detach().clone().requires_grad_() for a in args])
 
 
 def test_dropout_only_in_training():

@@ -66,22 +66,23 @@ def test_sgd_rule_unrolled_equals_torch_optim_sgd():
         torch.testing.assert_close(reader.fast[k][0], ref[k].detach())
 
 
-def unrolled_loss(lm, p, rule, theta0, data, second_order):
+def unrolled_loss(lm, p, rule, theta0, data, second_order, checkpoint=False):
     reader = start_reader(lm, theta0, rule, list(theta0), data[0].inputs.shape[0], "cpu")
     total = 0
     for c in data:
-        nll, reader, _ = chunk_step(lm, {**p, **theta0}, theta0, rule, reader, c, meta=True, second_order=second_order)
+        nll, reader, _ = chunk_step(lm, {**p, **theta0}, theta0, rule, reader, c, meta=True, second_order=second_order,
+                                    checkpoint=checkpoint)
         total = total + nll.sum()
     return total / sum(c.mask.sum() for c in data)
 
 
 @pytest.mark.parametrize("second_order", [False, True])
-@pytest.mark.parametrize("kind", ["ff", "rnn"])
-def test_meta_gradient_matches_finite_differences(second_order, kind):
+@pytest.mark.parametrize("kind,hidden", [("ff", 0), ("rnn", 0), ("ff", 4), ("rnn", 4)])
+def test_meta_gradient_matches_finite_differences(second_order, kind, hidden):
     lm, p = tiny_lm()
     names = lm.lstm_names()
     theta0 = {k: p[k].clone() for k in names}
-    rule = LearnedRule(names, kind=kind, hidden=4, init_lr=0.05)
+    rule = LearnedRule(names, kind=kind, hidden=hidden, init_lr=0.05)
     with torch.no_grad():
         for q in rule.parameters():
             q.add_(0.3 * torch.randn_like(q))  # away from the init's near-zero head
@@ -103,6 +104,25 @@ def test_meta_gradient_matches_finite_differences(second_order, kind):
         with torch.no_grad():
             q[idx] += eps
         assert g[idx].item() == pytest.approx((up - down) / (2 * eps), rel=1e-4, abs=1e-8)
+
+
+@pytest.mark.parametrize("second_order", [False, True])
+@pytest.mark.parametrize("kind,hidden", [("ff", 0), ("rnn", 4)])
+def test_checkpointed_unroll_gives_the_same_meta_gradients(second_order, kind, hidden):
+    lm, p = tiny_lm()
+    names = lm.lstm_names()
+    theta0 = {k: p[k].clone().requires_grad_() for k in names}
+    rule = LearnedRule(names, kind=kind, hidden=hidden, init_lr=0.05)
+    with torch.no_grad():
+        for q in rule.parameters():
+            q.add_(0.3 * torch.randn_like(q))
+    data = chunks(3)
+    wrt = list(rule.parameters()) + list(theta0.values())
+    plain = torch.autograd.grad(unrolled_loss(lm, p, rule, theta0, data, second_order), wrt)
+    ckpt = torch.autograd.grad(unrolled_loss(lm, p, rule, theta0, data, second_order, checkpoint=True), wrt)
+    for a, b in zip(plain, ckpt):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert any(a.abs().max() > 0 for a in plain)
 
 
 FROZEN_GRADS = {}
@@ -170,3 +190,54 @@ def test_untrained_learner_is_nearly_harmless():
         _, reader, stats = chunk_step(lm, p, p, rule, reader, c)
     drift = max((reader.fast[k] - p[k]).abs().max().item() for k in names)
     assert 0 < drift < 0.01 and stats["forget"] > 0.99
+
+
+def test_dyneval_decay_is_normalised_by_the_mean_of_tensor_means():
+    # Krause's gsum: the average over tensors of each tensor's mean MS, not over all coordinates
+    ms = {"a": torch.tensor([0.1, 0.3]), "b": torch.tensor([0.6, 0.6, 0.6, 0.6])}  # tensor means 0.2, 0.6
+    rule = DynEvalRule(ms, lr=0.0, lamb=0.1, eps=1e-3)
+    torch.testing.assert_close(rule.decrate["a"], torch.tensor([0.25, 0.75]))
+    torch.testing.assert_close(rule.decrate["b"], torch.full((4,), 1.5))  # coordinate mean 0.4667 would give 1.29
+
+
+def test_grad_rms_is_the_rms_of_each_segments_own_gradient():
+    import numpy as np
+    from dynlm.data.articles import Article
+    from dynlm.data.streams import StreamLayout
+    from dynlm.rules import compute_grad_rms
+
+    lm, p = tiny_lm()
+    names = lm.lstm_names()
+    rng = np.random.default_rng(0)
+    articles = [Article(f"a{i}", "", rng.integers(1, 13, n).astype(np.int32), n) for i, n in enumerate([17, 9, 12])]
+    layout = StreamLayout(articles, 2, 4, 0)
+    ms = compute_grad_rms(lm, p, layout, names, n_chunks=100, device="cpu")
+    # by hand: read each stream alone with shared weights; one gradient per (stream, chunk) segment
+    sq, n = {k: torch.zeros_like(p[k]) for k in names}, 0
+    for s in range(layout.n_streams):
+        state = lm.init_state(1, dtype=torch.float64)
+        for c in layout:
+            if c.new_article[s]:
+                state = lm.init_state(1, dtype=torch.float64)
+            mask = c.mask[s:s + 1]
+            w = {k: v.clone().requires_grad_(k in names) for k, v in p.items()}
+            out, state = lm.hidden(w, c.inputs[s:s + 1], state)
+            state = [(h.detach(), cc.detach()) for h, cc in state]
+            if not mask.any():
+                continue
+            loss = (lm.nll(w, out, c.targets[s:s + 1]) * mask).sum() / mask.sum()
+            for k, g in zip(names, torch.autograd.grad(loss, [w[k] for k in names])):
+                sq[k] += g.pow(2)
+            n += 1
+    for k in names:
+        torch.testing.assert_close(ms[k], (sq[k] / n).sqrt())
+    # the old statistic, the gradient of the loss averaged over all streams, is measurably smaller
+    old, state = {k: torch.zeros_like(p[k]) for k in names}, lm.init_state(2, dtype=torch.float64)
+    for c in layout:
+        w = {k: v.clone().requires_grad_(k in names) for k, v in p.items()}
+        out, state = lm.hidden(w, c.inputs, [(h * ~c.new_article[:, None], cc * ~c.new_article[:, None]) for h, cc in state])
+        state = [(h.detach(), cc.detach()) for h, cc in state]
+        loss = (lm.nll(w, out, c.targets) * c.mask).sum() / c.mask.sum()
+        for k, g in zip(names, torch.autograd.grad(loss, [w[k] for k in names])):
+            old[k] += g.pow(2) / len(layout)
+    assert sum(ms[k].pow(2).sum() for k in names) > 1.2 * sum(old[k].sum() for k in names)

@@ -168,3 +168,61 @@ def test_wandb_mode_disabled_and_auto(tmp_path, monkeypatch):
         assert t.run is None
         t.log({"a": 1}, step=3, echo=False)
     assert not (tmp_path / "r" / "wandb").exists()
+
+
+def finished_offline_run(run_dir: Path):
+    """(records, files dir) of the one offline run under run_dir, once wandb has written its exit."""
+    (wb_dir,) = (run_dir / "wandb").glob("offline-run-*")
+    (wb_file,) = wb_dir.glob("run-*.wandb")
+    deadline = time.monotonic() + 60  # wandb-core may still be flushing on a loaded machine
+    while True:
+        records = list(read_wandb_records(wb_file))
+        if (records and records[-1].WhichOneof("record_type") == "exit") or time.monotonic() > deadline:
+            return records, wb_dir / "files"
+        time.sleep(0.5)
+
+
+def test_evaluate_dashboard_in_offline_run(tmp_path, tiny_overrides):
+    """A short `evaluate` logs ppl per mode, the per-article table, the improvement curve, the
+    heat-map and the report figures into its offline wandb run."""
+    from dynlm.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), *[f"--{o}" for o in tiny_overrides]]) == 0
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--checkpoint", str(run / "checkpoints" / "best.pt"), "--split", "valid",
+                 "--modes", "static,sgd", "--out", str(out), "--log.wandb_mode=offline"]) == 0
+    # tokens.parquet carries the decoded token text the heat-map shows (old columns kept)
+    import pyarrow.parquet as pq
+    from dynlm.data.tokenizers import load_tokenizer
+
+    tokens = pq.read_table(out / "tokens.parquet")
+    tok = load_tokenizer(run / "tokenizer")
+    assert {"article_id", "position", "token", "nll_static", "nll_sgd", "text"} <= set(tokens.column_names)
+    assert tokens.column("text").to_pylist() == [tok.id_to_token(i) for i in tokens.column("token").to_pylist()]
+
+    records, files = finished_offline_run(out)
+    assert records[-1].WhichOneof("record_type") == "exit"
+    assert next(r.run for r in records if r.HasField("run")).job_type == "evaluate"
+
+    history = {}
+    for r in records:
+        if r.HasField("history"):
+            history.update({_key(i): json.loads(i.value_json) for i in r.history.item})
+    summary = json.loads((out / "summary.json").read_text())["modes"]
+    assert history["eval/ppl/static"] == pytest.approx(summary["static"]["ppl"])
+    assert history["eval/ppl/sgd"] == pytest.approx(summary["sgd"]["ppl"])
+    media = {k.rsplit("/", 1)[0]: v for k, v in history.items() if k.endswith("/path")}
+    assert set(media) >= {"eval/per_article", "eval/improvement_vs_position_table", "eval/heatmap",
+                          "eval/improvement", "eval/stream", "eval/histogram"}
+
+    table = json.loads((files / media["eval/per_article"]).read_text())
+    assert table["columns"][:3] == ["mode", "article_id", "title"]
+    assert sorted({row[0] for row in table["data"]}) == ["sgd", "static"] and len(table["data"]) == 2 * 3
+    curve = json.loads((files / media["eval/improvement_vs_position_table"]).read_text())
+    n_bins = len((out / "improvement_by_position.csv").read_text().splitlines()) - 1
+    assert n_bins > 0 and len(curve["data"]) == n_bins  # one series (sgd) x bins
+    page = (files / media["eval/heatmap"]).read_text()
+    assert page == (out / "heatmap.html").read_text() and "sgd vs static" in page
+    for name in ("improvement", "stream", "histogram"):
+        assert (files / media[f"eval/{name}"]).read_bytes()[:4] == b"\x89PNG"

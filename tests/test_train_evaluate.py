@@ -103,7 +103,8 @@ def test_metatrain_then_evaluate_every_rule(trained, tmp_path):
                  "--meta.steps=2", "--meta.unroll=2", "--meta.chunk=5", "--meta.batch_size=2",
                  "--meta.log_every=1"]) == 0
     lines = [json.loads(l) for l in (meta / "metrics.jsonl").read_text().splitlines()]
-    assert {"meta/loss", "meta/static_loss", "meta/gain", "meta/forget_gate"} <= set(lines[-1])
+    assert {"meta/loss", "meta/static_loss", "meta/gain", "meta/forget_gate"} <= set(lines[-2])
+    assert {"meta/valid_ppl_static", "meta/valid_ppl_learned"} <= set(lines[-1])  # validated at the end
     out = tmp_path / "eval"
     assert main(["evaluate", "--checkpoint", str(meta / "checkpoints" / "last.pt"), "--split", "valid",
                  "--modes", "static,sgd,dyneval,learned", "--out", str(out), "--rule.grad_rms_chunks=3"]) == 0

@@ -40,6 +40,9 @@ def load_raw_split(cfg, split: str) -> list[RawArticle]:
         arts = load_text_dir(cfg.path, split)
     else:
         arts = load_jsonl(cfg.path, split)
+    if not arts:  # nothing to read would otherwise surface later as an obscure layout error
+        where = f" ({cfg.path})" if cfg.path else ""
+        raise DataError(f"the {split!r} split of data.source={cfg.source}{where} has no articles")
     return arts[: cfg.max_articles] if cfg.max_articles > 0 else arts
 
 

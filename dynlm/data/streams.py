@@ -77,6 +77,20 @@ class StreamLayout:
                 c.append(v)
         return [np.concatenate(c) for c in cols]
 
+    def select_streams(self, rows: slice) -> "StreamLayout":
+        """The same layout restricted to streams `rows` (one rank's share in data-parallel
+        training): same chunk count, so every rank takes the same number of steps; article
+        indices still refer to the full article list. Streams own disjoint articles, so
+        disjoint row blocks never read the same article."""
+        sub = object.__new__(StreamLayout)
+        sub.articles, sub.chunk_len, sub.n_chunks = self.articles, self.chunk_len, self.n_chunks
+        for name in ("_inputs", "_targets", "_article", "_position", "_starts"):
+            setattr(sub, name, getattr(self, name)[rows].clone())  # clone: let the full layout go
+        sub.n_streams = sub._inputs.shape[0]
+        if sub.n_streams == 0:
+            raise ValueError(f"stream selection {rows} of {self.n_streams} streams is empty")
+        return sub
+
     def __len__(self) -> int:
         return self.n_chunks
 

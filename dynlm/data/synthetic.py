@@ -25,7 +25,6 @@ FUNCTION_WORDS = {  # real function words keep the text readable
 N_BACKGROUND = {"N": 700, "V": 350, "A": 300, "R": 100}  # + function words ~ 1500 types
 N_TOPIC_POOL, N_ENTITY_POOL = 3000, 2000
 TOPIC_PER_ARTICLE = 30
-P_TOPIC_NOUN = 0.2  # share of noun slots filled by the article's topic words
 # Part-of-speech templates: E entity, T topic word, N noun, V verb, A adjective, R adverb.
 TEMPLATES = [
     "E V D N P D T", "D T P E V D A N", "E R V D A T", "D A N V D T P D N",
@@ -91,6 +90,8 @@ def synthetic_articles(cfg: SyntheticConfig, split: str) -> list[RawArticle]:
     if not 10 <= cfg.min_tokens <= cfg.max_tokens:
         raise DataError(f"synthetic.min_tokens/max_tokens must satisfy 10 <= min <= max, got "
                         f"{cfg.min_tokens}/{cfg.max_tokens}")
+    if not 0.0 <= cfg.topic_share <= 1.0:
+        raise DataError(f"synthetic.topic_share must be in [0, 1], got {cfg.topic_share}")
     counts = (cfg.n_train, cfg.n_valid, cfg.n_test)
     bg, topic_pool, entity_pool, fresh = _lexicon(cfg.seed, tuple(n * MAX_FRESH for n in counts))
     bg_cum = {k: _zipf_cum(len(v)) for k, v in bg.items()}
@@ -102,7 +103,7 @@ def synthetic_articles(cfg: SyntheticConfig, split: str) -> list[RawArticle]:
         names = fresh[split][i * MAX_FRESH:(i + 1) * MAX_FRESH][: rng.randint(3, MAX_FRESH)]
         entities = names + rng.sample(entity_pool, rng.randint(2, 5))
         topics = rng.sample(topic_pool, TOPIC_PER_ARTICLE)
-        lines = _article_lines(rng, rng.randint(cfg.min_tokens, cfg.max_tokens), entities, topics,
+        lines = _article_lines(rng, rng.randint(cfg.min_tokens, cfg.max_tokens), cfg.topic_share, entities, topics,
                                bg, bg_cum, fn_cum)
         if i == 0:
             lines.insert(0, " ")  # like WikiText: the file starts with a blank line
@@ -110,14 +111,14 @@ def synthetic_articles(cfg: SyntheticConfig, split: str) -> list[RawArticle]:
     return arts
 
 
-def _article_lines(rng, target, entities, topics, bg, bg_cum, fn_cum) -> list[str]:
+def _article_lines(rng, target, topic_share, entities, topics, bg, bg_cum, fn_cum) -> list[str]:
     ent_cum = _zipf_cum(len(entities), 1.2)  # the main subject dominates
     top_cum = _zipf_cum(len(topics), 0.9)
 
     def word(slot: str) -> str:
         if slot == "E":
             return rng.choices(entities, cum_weights=ent_cum)[0]
-        if slot == "T" or (slot == "N" and rng.random() < P_TOPIC_NOUN):
+        if slot == "T" or (slot == "N" and rng.random() < topic_share):
             return rng.choices(topics, cum_weights=top_cum)[0]
         if slot in FUNCTION_WORDS:
             return rng.choices(FUNCTION_WORDS[slot], cum_weights=fn_cum[slot])[0]

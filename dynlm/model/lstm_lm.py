@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..config import ModelConfig
+from .per_stream_lstm import per_stream_lstm
 from .regularizers import embedding_dropout, locked_dropout
 
 Params = dict[str, Tensor]
@@ -77,8 +78,12 @@ class LSTMLM:
         return [(torch.zeros(batch, h, device=device, dtype=dtype),) * 2 for h in self.sizes]
 
     # ---- forward ----------------------------------------------------------------
-    def hidden(self, params: Params, tokens: Tensor, state: State, *, train: bool = False) -> tuple[Tensor, State]:
-        """tokens (B, T) -> top-layer outputs (B, T, H) and the new state."""
+    def hidden(self, params: Params, tokens: Tensor, state: State, *, train: bool = False,
+               double_backward: bool = False) -> tuple[Tensor, State]:
+        """tokens (B, T) -> top-layer outputs (B, T, H) and the new state.
+
+        double_backward: the caller will differentiate through the gradient (second-order
+        meta-training), so per-stream layers must take the plain autograd loop."""
         c = self.cfg
         embed = embedding_dropout(params["embed"], c.dropout_emb if train else 0.0)
         x = F.embedding(tokens, embed)  # (B, T, E)
@@ -88,14 +93,18 @@ class LSTMLM:
             w_ih, w_hh, b = (params[f"lstm.{l}.{w}"] for w in ("w_ih", "w_hh", "b"))
             if train and c.weight_drop > 0:
                 w_hh = F.dropout(w_hh, c.weight_drop, training=True)  # DropConnect, per forward
-            x, s = self._layer(x, state[l], w_ih, w_hh, b)
+            x, s = self._layer(x, state[l], w_ih, w_hh, b, double_backward)
             new_state.append(s)
             x = locked_dropout(x, c.dropout_output if l == c.n_layers - 1 else c.dropout_hidden, train)
         return x, new_state
 
-    def _layer(self, x, state, w_ih, w_hh, b):
+    def _layer(self, x, state, w_ih, w_hh, b, double_backward=False):
         if w_ih.dim() == 2 and w_hh.dim() == 2 and b.dim() == 1:
             return self._layer_fused(x, state, w_ih, w_hh, b)
+        # the hand-written backward needs every weight per stream and one dtype (no autocast)
+        if (not double_backward and w_ih.dim() == 3 and w_hh.dim() == 3 and b.dim() == 2
+                and not torch.is_autocast_enabled(x.device.type)):
+            return per_stream_lstm(x, state, w_ih, w_hh, b)
         return lstm_layer_loop(x, state, w_ih, w_hh, b)
 
     def _layer_fused(self, x, state, w_ih, w_hh, b):

@@ -31,5 +31,5 @@ def make_rule(mode: str, cfg: RuleConfig, names: list[str], ms=None, learner_sta
         rule = LearnedRule(names, cfg.learner, cfg.learner_hidden, cfg.forget_bias, cfg.init_lr, cfg.max_step)
         if learner_state is not None:
             rule.load_state_dict(learner_state)
-        return rule
+        return rule.compile() if cfg.compile else rule
     raise ValueError(f"unknown rule {mode!r}; available: {', '.join(RULES)}")

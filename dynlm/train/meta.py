@@ -1,5 +1,12 @@
 """Meta-training: unroll K prequential chunk steps of the learned rule, back-propagate the
-summed prequential loss into the learner and theta0, truncate, keep reading."""
+summed prequential loss into the learner and theta0, truncate, keep reading the same articles.
+
+Reliability as in static training: rotating checkpoints hold the learner, theta0, the static
+weights, the optimizer, every RNG, the reading position and each stream's memory (fast weights,
+rule state, hidden states), so `--resume` continues bit-exactly; SIGINT/SIGTERM save and stop;
+a non-finite meta-loss or meta-gradient skips the step and restarts the streams' memory from
+theta0; under torchrun each rank reads its own streams and the meta-gradients are all-reduced.
+"""
 from __future__ import annotations
 
 import random
@@ -10,122 +17,303 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .. import distributed as D
+from ..checkpoint import (CheckpointError, config_mismatches, load_checkpoint, load_latest_checkpoint, rng_state,
+                          save_checkpoint, save_rotating, set_rng_state)
 from ..config import Config, ConfigError, save_config, to_dict
 from ..data.streams import StreamLayout
-from ..device import resolve_device
+from ..evaluate import perplexity, score
+from ..faults import FaultGuard
 from ..model import LSTMLM
-from ..rules import adapted_names, make_rule
+from ..rules import adapted_names, compute_grad_rms, make_rule
+from ..signals import StopOnSignals
 from ..tracking import Tracker
-from ..unroll import chunk_step, reset_rows, reset_streams, start_reader
+from ..unroll import Reader, chunk_step, reset_rows, reset_streams, start_reader
 from .setup import prepare_data
 
+RESUME_MUST_MATCH = ("model", "data", "rule.learner", "rule.learner_hidden", "rule.layers", "meta.batch_size",
+                     "meta.chunk", "meta.boundary", "meta.seed")
+RESUME_MAY_DIFFER = ("data.cache_dir", "data.path")
 
-def chunks_forever(articles, cfg: Config, eos_id: int, epoch: int = 0):
+
+def check_meta_config(cfg: Config) -> None:
     m = cfg.meta
+    if m.boundary not in ("reset", "continuous"):
+        raise ConfigError(f"meta.boundary={m.boundary!r}; valid: reset, continuous")
+    for key in ("unroll", "chunk", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints", "max_bad_steps"):
+        if getattr(m, key) < 1:
+            raise ConfigError(f"meta.{key} must be >= 1, got {getattr(m, key)}")
+    if m.steps < 0 or m.max_minutes < 0 or m.ewc_lambda < 0 or m.lr <= 0:
+        raise ConfigError("meta.steps, max_minutes and ewc_lambda must be >= 0, and meta.lr > 0")
+    if m.ewc_lambda and m.boundary != "continuous":
+        raise ConfigError("meta.ewc_lambda is the consolidation of the continuous setting: set meta.boundary=continuous")
+
+
+def meta_layout(articles, cfg: Config, eos_id: int, epoch: int, dinfo: D.DistInfo) -> StreamLayout:
+    """Epoch `epoch`'s reading order, as this rank's share of meta.batch_size streams."""
+    m = cfg.meta
+    order = list(range(len(articles)))
+    random.Random(m.seed * 1000 + epoch).shuffle(order)
+    layout = StreamLayout([articles[i] for i in order], m.batch_size, m.chunk, eos_id,
+                          pad_articles=m.boundary == "reset")
+    if not dinfo.enabled:
+        return layout
+    if layout.n_streams < dinfo.world_size:
+        raise ConfigError(f"{layout.n_streams} streams cannot be split over {dinfo.world_size} processes")
+    return layout.select_streams(D.shard_slice(layout.n_streams, dinfo.rank, dinfo.world_size))
+
+
+def reading_positions(articles, cfg, eos_id, epoch, chunk_idx, dinfo):
+    """(epoch, chunk index, layout) forever from a saved position."""
     while True:
-        order = list(range(len(articles)))
-        random.Random(m.seed * 1000 + epoch).shuffle(order)
-        layout = StreamLayout([articles[i] for i in order], m.batch_size, m.chunk, eos_id,
-                              pad_articles=m.boundary == "reset")
-        yield from layout
-        epoch += 1
+        layout = meta_layout(articles, cfg, eos_id, epoch, dinfo)
+        for c in range(chunk_idx, len(layout)):
+            yield epoch, c, layout
+        epoch, chunk_idx = epoch + 1, 0
+
+
+def ewc_fisher(lm, params, articles, cfg: Config, names, eos_id, device) -> dict:
+    """Diagonal empirical Fisher of the per-segment loss over training chunks, normalised to mean 1
+    so that meta.ewc_lambda does not depend on the model's gradient scale."""
+    layout = StreamLayout(articles, cfg.meta.batch_size, cfg.meta.chunk, eos_id)
+    fisher = {k: v.pow(2) for k, v in compute_grad_rms(lm, params, layout, names, cfg.meta.ewc_chunks, device).items()}
+    mean = torch.cat([f.flatten() for f in fisher.values()]).mean().clamp(min=1e-30)
+    return {k: f / mean for k, f in fisher.items()}
 
 
 def metatrain(cfg: Config, run_dir: Path, init: Path | None = None, resume: bool = False) -> dict:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    m = cfg.meta
-    if m.boundary not in ("reset", "continuous"):
-        raise ConfigError(f"meta.boundary must be reset or continuous, got {m.boundary!r}")
-    device = resolve_device(cfg.train.device)
+    """Meta-train the learned rule; returns a result dict (on every rank). result['stopped_by']
+    names the signal when SIGINT/SIGTERM ended the run early (after saving a checkpoint)."""
+    check_meta_config(cfg)
+    with D.session(cfg.train.device) as (dinfo, device):
+        return _metatrain(cfg, Path(run_dir), Path(init) if init else None, resume, dinfo, device)
+
+
+def _metatrain(cfg: Config, run_dir: Path, init: Path | None, resume: bool, dinfo: D.DistInfo, device) -> dict:
+    m, main = cfg.meta, dinfo.is_main
     torch.manual_seed(m.seed)
     base = load_checkpoint(init, map_location=device) if init else None
-    if base is not None and not (run_dir / "tokenizer").exists():
-        shutil.copytree(Path(init).resolve().parent.parent / "tokenizer", run_dir / "tokenizer")
-    tok, splits = prepare_data(cfg, run_dir, ["train"])
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if base is not None and not (run_dir / "tokenizer").exists():
+            shutil.copytree(init.resolve().parent.parent / "tokenizer", run_dir / "tokenizer")
+        tok, splits = prepare_data(cfg, run_dir, ["train", "valid"])
+    D.barrier()
+    if not main:
+        tok, splits = prepare_data(cfg, run_dir, ["train", "valid"])
     if base is not None and tok.fingerprint() != base["tokenizer_fingerprint"]:
         raise CheckpointError(f"{run_dir / 'tokenizer'} does not match the vocabulary of {init}; "
                               "use a fresh --out directory")
+    train_arts, valid_arts = splits["train"], splits["valid"]
     lm = LSTMLM(cfg.model, tok.vocab_size)
     params = base["params"] if base is not None else lm.init_params(cfg.train.seed, device=device)
     names = adapted_names(lm, cfg.rule, "learned", params)
-    static = {k: v.detach().to(device) for k, v in params.items() if k not in names}
+    static = {k: v.detach().clone().to(device).requires_grad_(m.static_lr > 0) for k, v in params.items() if k not in names}
     theta0 = {k: params[k].detach().clone().to(device).requires_grad_(m.theta0_lr > 0) for k in names}
     rule = make_rule("learned", cfg.rule, names).to(device)
     groups = [{"params": list(rule.parameters()), "lr": m.lr}]
     if m.theta0_lr > 0:
         groups.append({"params": list(theta0.values()), "lr": m.theta0_lr})
+    if m.static_lr > 0:
+        groups.append({"params": list(static.values()), "lr": m.static_lr})
+    trained = [p for g in groups for p in g["params"]]
     opt = torch.optim.Adam(groups)
-    step = 0
-    if resume and (last := latest_checkpoint(run_dir / "checkpoints")) is not None:
-        ck = load_checkpoint(last, map_location=device)
-        rule.load_state_dict(ck["learner"])
-        with torch.no_grad():
-            for k in names:
-                theta0[k].copy_(ck["params"][k])
-        opt.load_state_dict(ck["optimizer"])
-        step = ck["step"]
-        set_rng_state(ck["rng"])
-        print(f"resumed meta-training from {last} at step {step}")
-    save_config(cfg, run_dir / "config.yaml")
-    n_meta = sum(p.numel() for p in rule.parameters())
-    print(f"meta-learner ({cfg.rule.learner}): {n_meta} parameters, rewriting {len(names)} tensors "
-          f"({sum(theta0[k].numel() for k in names):,} weights) per stream; K={m.unroll}, chunk={m.chunk}, "
-          f"{'second' if m.second_order else 'first'}-order, boundary={m.boundary}")
+    guard = FaultGuard(m.max_bad_steps, where="meta", verbose=main)
+    fisher = ewc_fisher(lm, {**static, **theta0}, train_arts, cfg, names, tok.eos_id, device) if m.ewc_lambda else None
 
-    stream = chunks_forever(splits["train"], cfg, tok.eos_id)
-    for _ in range(step * m.unroll):  # resume: skip what was already read
-        next(stream)
-    first = next(stream)
-    B = first.inputs.shape[0]
-    reader = start_reader(lm, theta0, rule, names, B, device)
-    static_hidden = lm.init_state(B, device=device)
-    pending = [first]
-    tracker = Tracker(cfg.log, run_dir, to_dict(cfg), job_type="metatrain")
-    start, tokens = time.perf_counter(), 0
+    step, epoch, chunk_idx, minutes_before, tokens, reader, static_hidden = 0, 0, 0, 0.0, 0, None, None
+    best_valid = float("inf")
+    ckpt_dir = run_dir / "checkpoints"
+    if resume:
+        def check(ck, path):
+            problems = [] if ck.get("kind") == "meta" else [f"it is a {ck.get('kind')!r} checkpoint, not a meta one"]
+            problems += config_mismatches(ck.get("config", {}), to_dict(cfg), RESUME_MUST_MATCH, ignore=RESUME_MAY_DIFFER)
+            if ck.get("tokenizer_fingerprint") != tok.fingerprint():
+                problems.append("vocabulary mismatch with the run's tokenizer")
+            if ck.get("world_size", 1) != dinfo.world_size:
+                problems.append(f"written by {ck.get('world_size', 1)} process(es), resumed with {dinfo.world_size}")
+            if problems:
+                raise CheckpointError(f"cannot resume from {path}: " + "; ".join(problems))
+        found = load_latest_checkpoint(ckpt_dir, map_location=device, check=check) if main else None
+        path = D.broadcast_object(str(found[1]) if found else None)
+        if path is not None:
+            ck = found[0] if main else load_checkpoint(path, map_location=device)
+            rule.load_state_dict(ck["learner"])
+            with torch.no_grad():
+                for k, v in ck["params"].items():
+                    (theta0 if k in theta0 else static)[k].copy_(v)
+            opt.load_state_dict(ck["optimizer"])
+            step, epoch, chunk_idx, minutes_before = ck["step"], ck["epoch"], ck["chunk"], ck["minutes"]
+            tokens, best_valid = ck["tokens"], ck["best_valid_ppl"]
+            set_rng_state(ck["rng"])
+            guard.load_state_dict(ck["faults"])
+            if ck["reader"] is not None:
+                rows = D.shard_slice(ck["reader"]["static_hidden"][0][0].shape[0], dinfo.rank, dinfo.world_size)
+                r = {kind: _rows(v, rows, device) for kind, v in ck["reader"].items()}
+                reader = Reader(r["hidden"], r["fast"], r["rule_state"])
+                static_hidden = r["static_hidden"]
+            if main:
+                print(f"resumed meta-training from {path} at step {step} (epoch {epoch}, chunk {chunk_idx})")
+    if main:
+        save_config(cfg, run_dir / "config.yaml")
+        print(f"meta-learner ({cfg.rule.learner}, hidden {cfg.rule.learner_hidden}): "
+              f"{sum(p.numel() for p in rule.parameters())} parameters, rewriting {len(names)} tensors "
+              f"({sum(theta0[k].numel() for k in names):,} weights) per stream; K={m.unroll}, chunk={m.chunk}, "
+              f"{'second' if m.second_order else 'first'}-order, boundary={m.boundary}"
+              + (", checkpointed" if m.checkpoint else "") + (f", EWC {m.ewc_lambda}" if fisher else ""))
+
+    def minutes() -> float:
+        return minutes_before + (time.perf_counter() - start) / 60
+
+    def gathered_reader():
+        if reader is None:
+            return None
+        local = {"hidden": reader.hidden, "fast": reader.fast, "rule_state": reader.rule_state,
+                 "static_hidden": static_hidden}
+        local = _detach_cpu(local)
+        return _cat_rows(D.gather_objects(local)) if dinfo.enabled else local
+
+    def save(best: bool = False) -> None:
+        ck = {"kind": "meta", "config": to_dict(cfg),
+              "params": {**{k: v.detach() for k, v in static.items()}, **{k: v.detach() for k, v in theta0.items()}},
+              "learner": rule.state_dict(), "optimizer": opt.state_dict(), "step": step, "epoch": epoch,
+              "chunk": chunk_idx, "minutes": minutes(), "tokens": tokens, "best_valid_ppl": best_valid,
+              "rng": rng_state(), "faults": guard.state_dict(), "reader": gathered_reader(),
+              "world_size": dinfo.world_size, "base_checkpoint": str(init) if init else None,
+              "vocab_size": tok.vocab_size, "tokenizer_fingerprint": tok.fingerprint()}
+        if main:
+            if best:
+                save_checkpoint(ck, ckpt_dir / "best.pt")
+            save_rotating(ck, ckpt_dir, step, keep_last=m.keep_checkpoints)
+
+    valid_slice = valid_arts[: m.valid_articles] if m.valid_articles else valid_arts
+    static_valid_ppl = None
+
+    def validate() -> dict:
+        """Prequential ppl of learned vs static on validation articles (rank 0 only; no collectives)."""
+        nonlocal static_valid_ppl
+        e = cfg.eval
+        weights = {**{k: v.detach() for k, v in static.items()}, **{k: v.detach() for k, v in theta0.items()}}
+        kw = dict(eos_id=tok.eos_id, segment_length=e.segment_length, batch_size=e.batch_size, boundary=e.boundary,
+                  device=device)
+        if static_valid_ppl is None or m.theta0_lr > 0 or m.static_lr > 0:
+            s = score(lm, weights, valid_slice, desc="valid static", **kw)
+            static_valid_ppl = perplexity(float(s.nll.sum()), len(s.nll))
+        s = score(lm, weights, valid_slice, rule=rule, names=names, desc="valid learned", **kw)
+        learned = perplexity(float(s.nll.sum()), len(s.nll))
+        return {"meta/valid_ppl_static": static_valid_ppl, "meta/valid_ppl_learned": learned,
+                "meta/valid_rel_change": learned / static_valid_ppl - 1}
+
+    tracker = Tracker(cfg.log, run_dir, to_dict(cfg), job_type="metatrain", enabled=main)
+    positions = reading_positions(train_arts, cfg, tok.eos_id, epoch, chunk_idx, dinfo)
+    start, window_start, window_tokens = time.perf_counter(), time.perf_counter(), 0
     window = {"dyn": 0.0, "static": 0.0, "n": 0, "forget": 0.0, "input": 0.0, "k": 0}
-    bar = tqdm(total=m.steps, initial=step, desc="metatrain", mininterval=2)
-    while step < m.steps:
-        dyn_sum, n_sum = 0.0, 0
-        for _ in range(m.unroll):
-            chunk = (pending.pop() if pending else next(stream)).to(device)
-            if m.boundary == "reset":
-                reader = reset_streams(reader, theta0, rule, chunk.new_article)
-                static_hidden = reset_rows(static_hidden, chunk.new_article)
-            nll, reader, stats = chunk_step(lm, {**static, **theta0}, theta0, rule, reader, chunk,
-                                            meta=True, second_order=m.second_order)
-            with torch.no_grad():  # the static model on the same chunk: the gain we are after
-                out, static_hidden = lm.hidden({**static, **theta0}, chunk.inputs, static_hidden)
-                window["static"] += float((lm.nll({**static, **theta0}, out, chunk.targets) * chunk.mask).sum())
-            n = int(chunk.mask.sum())
-            dyn_sum, n_sum = dyn_sum + nll.sum(), n_sum + n
-            window["dyn"] += float(nll.detach().sum()); window["n"] += n
-            window["forget"] += float(stats["forget"]); window["input"] += float(stats["input"]); window["k"] += 1
-        loss = dyn_sum / max(n_sum, 1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], m.clip)
-        opt.step()
-        reader = reader.detached()  # truncate: keep reading the same articles
-        step += 1
-        tokens += n_sum
-        bar.update()
-        if step % m.log_every == 0 or step == m.steps:
-            w = window
-            tracker.log({"meta/loss": w["dyn"] / w["n"], "meta/static_loss": w["static"] / w["n"],
-                         "meta/gain": (w["static"] - w["dyn"]) / w["n"], "meta/forget_gate": w["forget"] / w["k"],
-                         "meta/input_gate": w["input"] / w["k"],
-                         "meta/tokens_per_s": tokens / (time.perf_counter() - start)}, step=step, echo=False)
-            bar.set_postfix(gain=f"{(w['static'] - w['dyn']) / w['n']:+.4f}")
-            window = dict.fromkeys(window, 0.0)
-        if m.max_minutes and (time.perf_counter() - start) / 60 > m.max_minutes:
-            break
+    bar = tqdm(total=m.steps, initial=step, desc="metatrain", mininterval=2, disable=not main)
+    stopped_by, valid = None, {}
+    with StopOnSignals() as stop:
+        while step < m.steps:
+            dyn_sum, n_local, penalty = 0.0, 0, 0.0
+            for _ in range(m.unroll):
+                epoch, c, layout = next(positions)
+                chunk = layout.chunk(c).to(device)
+                if reader is None or c == 0:  # a new epoch: new streams
+                    reader = start_reader(lm, theta0, rule, names, layout.n_streams, device)
+                    static_hidden = lm.init_state(layout.n_streams, device=device)
+                if m.boundary == "reset":
+                    reader = reset_streams(reader, theta0, rule, chunk.new_article)
+                    static_hidden = reset_rows(static_hidden, chunk.new_article)
+                nll, reader, stats = chunk_step(lm, {**static, **theta0}, theta0, rule, reader, chunk, meta=True,
+                                                second_order=m.second_order, checkpoint=m.checkpoint)
+                with torch.no_grad():  # the static model on the same chunk: the gain we are after
+                    weights = {**static, **theta0}
+                    out, static_hidden = lm.hidden(weights, chunk.inputs, static_hidden)
+                    window["static"] += float((lm.nll(weights, out, chunk.targets) * chunk.mask).sum())
+                if fisher is not None:  # long-term consolidation: stay near theta0 where it matters
+                    penalty = penalty + sum((fisher[k] * (reader.fast[k] - theta0[k]).pow(2)).sum() for k in names)
+                n = int(chunk.mask.sum())
+                dyn_sum, n_local = dyn_sum + nll.sum(), n_local + n
+                window["dyn"] += float(nll.detach().sum()); window["n"] += n
+                window["forget"] += float(stats["forget"]); window["input"] += float(stats["input"]); window["k"] += 1
+            chunk_idx = c + 1  # where a resumed run continues reading
+            n_global = D.all_reduce_sum(n_local)  # every rank divides by the global count: exact global mean
+            loss = dyn_sum / max(n_global, 1)
+            if fisher is not None:
+                loss = loss + m.ewc_lambda * penalty / (m.unroll * D.all_reduce_sum(layout.n_streams))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            D.all_reduce_grads(trained)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trained, m.clip)
+            if guard.check(step, loss=D.all_reduce_sum(loss.detach()), grad_norm=grad_norm):
+                opt.step()
+                reader = reader.detached()  # truncate: keep reading the same articles
+            else:  # the streams' memory may hold NaNs: restart it from theta0
+                opt.zero_grad(set_to_none=True)
+                reader = start_reader(lm, theta0, rule, names, layout.n_streams, device)
+            step += 1
+            tokens += n_global
+            window_tokens += n_global
+            bar.update()
+            if step % m.log_every == 0 or step == m.steps:
+                w, now = window, time.perf_counter()
+                gain = (w["static"] - w["dyn"]) / max(w["n"], 1)
+                tracker.log({"meta/loss": w["dyn"] / w["n"], "meta/static_loss": w["static"] / w["n"],
+                             "meta/gain": gain, "meta/forget_gate": w["forget"] / w["k"],
+                             "meta/input_gate": w["input"] / w["k"], "meta/skipped_steps": guard.skipped,
+                             "meta/tokens_per_s": window_tokens / (now - window_start),
+                             "meta/epoch": epoch + chunk_idx / len(layout)}, step=step, echo=False)
+                bar.set_postfix(gain=f"{gain:+.4f}")
+                window = dict.fromkeys(window, 0.0)
+                window_start, window_tokens = now, 0
+            out_of_time = bool(m.max_minutes) and D.max_float(minutes() - minutes_before) > m.max_minutes
+            stop_now = D.any_true(stop.requested)
+            last = step >= m.steps or out_of_time or stop_now
+            improved = False
+            if (m.eval_every and step % m.eval_every == 0) or last:
+                if main:
+                    valid = validate()
+                    improved = valid["meta/valid_ppl_learned"] < best_valid
+                    best_valid = min(best_valid, valid["meta/valid_ppl_learned"])
+                    tracker.log(valid, step=step)
+                improved = D.any_true(improved)
+            if improved or step % m.checkpoint_every == 0 or last:
+                save(best=improved)
+            if stop_now:
+                stopped_by = stop.name or "signal"
+                if main:
+                    print(f"stopped by {stopped_by} at step {step}; resume with --resume")
+            if last:
+                break
     bar.close()
-    ckpt = run_dir / "checkpoints" / "last.pt"
-    save_checkpoint({"kind": "meta", "config": to_dict(cfg), "params": {**static, **{k: v.detach() for k, v in theta0.items()}},
-                     "learner": rule.state_dict(), "optimizer": opt.state_dict(), "step": step, "rng": rng_state(),
-                     "vocab_size": tok.vocab_size, "tokenizer_fingerprint": tok.fingerprint()}, ckpt)
-    result = {"steps": step, "minutes": (time.perf_counter() - start) / 60, "checkpoint": str(ckpt)}
+    ckpt = ckpt_dir / ("best.pt" if (ckpt_dir / "best.pt").exists() else "last.pt")
+    result = {"steps": step, "minutes": minutes(), "tokens": tokens, "checkpoint": str(ckpt),
+              "skipped_steps": guard.skipped, "stopped_by": stopped_by, **valid}
     tracker.summary(result)
     tracker.finish()
     return result
+
+
+def _detach_cpu(x):
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu()
+    if isinstance(x, dict):
+        return {k: _detach_cpu(v) for k, v in x.items()}
+    return [type(e)(_detach_cpu(t) for t in e) if isinstance(e, tuple) else _detach_cpu(e) for e in x]
+
+
+def _cat_rows(parts: list):
+    """Rank-local reader states -> one in global stream order (rank blocks are contiguous)."""
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts) if first.dim() else first
+    if isinstance(first, dict):
+        return {k: _cat_rows([p[k] for p in parts]) for k in first}
+    return [tuple(_cat_rows([p[i][j] for p in parts]) for j in range(len(first[i]))) for i in range(len(first))]
+
+
+def _rows(x, rows: slice, device):
+    """This rank's streams of a saved reader state, on `device`."""
+    if isinstance(x, torch.Tensor):
+        return x[rows].to(device) if x.dim() else x.to(device)
+    if isinstance(x, dict):
+        return {k: _rows(v, rows, device) for k, v in x.items()}
+    return [tuple(_rows(t, rows, device) for t in e) for e in x]

@@ -1,0 +1,896 @@
+"""`dynlm experiment NAME`: one command per experiment of Wolf, Chaumond & Delangue (2018), at
+CPU scale (WikiText-2, a small model) or paper scale (WikiText-103, an AWD-LSTM-sized model, GPU).
+
+An experiment is a list of YAML override files from experiments/ (the defaults stay in config.py)
+and a pipeline of stages, each run through the same function as its own CLI command:
+
+    prepare    data + tokenizer of the base model          train.setup.prepare_data
+    train      the static LM (the base model)              train.static.train_static
+    metatrain  the learned rule, one run per arm           train.meta.metatrain
+    tune       the compared baselines, on the base weights tune.tune_checkpoint
+    evaluate   every mode per article on valid, per arm    run_eval.evaluate_checkpoint
+    report     RUNS/experiments/SCALE/NAME/experiment.json, experiments/RESULTS.md, README's table
+
+Stages are keyed by what they compute, not by the experiment that asks for them: a static run is
+reused by every experiment whose model, data and train settings match its saved config (found
+anywhere under RUNS/, e.g. a run made by hand with `dynlm train`), a meta-training run by every arm
+with the same base, learner and meta settings, a tuning by every experiment that tunes the same
+weights under the same evaluation settings, and an evaluation whose recorded key (checkpoint
+weights, modes, eval/rule/data/model settings) matches is not repeated. So re-running an experiment
+is cheap, an interrupted one continues where it stopped, and the ablations share their reference arm.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import torch
+import yaml
+
+from .checkpoint import latest_checkpoint, load_checkpoint
+from .config import Config, ConfigError, load_config, to_dict
+from .run_eval import check_modes, evaluate_checkpoint, params_fingerprint
+from .report import check_config as check_report_config
+from .train.meta import check_meta_config, metatrain
+from .train.setup import prepare_data
+from .train.static import check_train_config, train_static
+from .tune import MODE_AXES, TUNED_FILE, read_tuned, tune_checkpoint, tuned_in_effect
+from .experiments_registry import (BASES, CORPUS, EXPERIMENTS, EXPERIMENTS_DIR, META_FILES, README_FILE, REPO,
+                                   RESULTS_FILE, SCALES, SPLIT, Arm, Experiment, at_scale, get_experiment)
+
+RECORD = "runner.json"  # what the runner wrote next to a stage's outputs: its key, commit, command
+
+# ---- configs --------------------------------------------------------------------------------------
+STATIC_SECTIONS = ("model", "data", "train", "log")  # the command-line overrides the base model sees
+
+
+@dataclass
+class ArmConfig:
+    arm: Arm
+    files: list[Path]
+    cfg: Config
+
+
+@dataclass
+class ExperimentConfigs:
+    static_files: list[Path]
+    static: Config  # the base model's run: only its own files + model/data/train/log overrides
+    arms: list[ArmConfig]
+
+
+def _section(override: str) -> str:
+    return override.lstrip("-").split(".", 1)[0]
+
+
+def experiment_configs(exp: Experiment, scale: str, overrides: list[str] = ()) -> ExperimentConfigs:
+    """Typed, validated configs of the base model and of every arm; a ConfigError names the problem."""
+    if scale not in SCALES:
+        raise ConfigError(f"unknown scale {scale!r}; valid: {', '.join(SCALES)}")
+    overrides = [o.lstrip("-") for o in overrides]
+    static_files = [EXPERIMENTS_DIR / f for f in BASES[exp.base][scale]]
+    # eval/rule/meta/... overrides must not make a new base model: it is shared across experiments
+    static = load_config(static_files, [o for o in overrides if _section(o) in STATIC_SECTIONS])
+    check_train_config(static)
+    arms = []
+    for arm in exp.arms:
+        names = [*BASES[exp.base][scale], *(META_FILES[scale] if exp.learner else ()),
+                 *at_scale(exp.files, scale), *at_scale(arm.files, scale)]
+        files = [EXPERIMENTS_DIR / n for n in names]
+        cfg = load_config(files, overrides)
+        changed = _mismatches(static_key(to_dict(static)), static_key(to_dict(cfg)))
+        if changed:
+            raise ConfigError(f"experiment {exp.name!r}, arm {arm.name!r}: its files change the base model "
+                              f"({'; '.join(changed)}); model/data/train settings belong in the base files "
+                              f"{[f.name for f in static_files]}")
+        check_modes(list(exp.modes), cfg)
+        check_report_config(cfg.report)
+        if exp.learner:
+            check_meta_config(cfg)
+        if cfg.eval.max_articles < 0:
+            raise ConfigError(f"eval.max_articles must be >= 0 (0 = all), got {cfg.eval.max_articles}")
+        arms.append(ArmConfig(arm, files, cfg))
+    return ExperimentConfigs(static_files, static, arms)
+
+
+# ---- what identifies a stage's result -------------------------------------------------------------
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _select(cfg_dict: dict, keys, ignore=()) -> dict:
+    """Flattened settings under `keys` (dotted names or whole sections), minus `ignore`; data.path is
+    made absolute, so a corpus named relatively and by --data-dir is one corpus."""
+    d = copy.deepcopy(cfg_dict)
+    data = d.get("data", {})
+    if data.get("path"):
+        data["path"] = str(Path(data["path"]).resolve())
+    return {k: v for k, v in sorted(_flat(d).items())
+            if any(k == key or k.startswith(key + ".") for key in keys) and k not in ignore}
+
+
+# settings that change nothing a static run computes (logging, where the token cache lives, device)
+STATIC_IGNORE = ("data.cache_dir", "train.log_every", "train.keep_checkpoints", "train.max_bad_steps", "train.device")
+META_IGNORE = ("data.cache_dir", "meta.log_every", "meta.checkpoint_every", "meta.keep_checkpoints",
+               "meta.max_bad_steps")
+LEARNER_RULE = ("rule.learner", "rule.learner_hidden", "rule.forget_bias", "rule.init_lr", "rule.max_step",
+                "rule.layers")
+BASELINE_RULE = ("rule.layers", "rule.dyneval_eps", "rule.dyneval_all_weights", "rule.grad_rms_chunks",
+                 "rule.cache_window")  # the baselines' settings that tuning does not search
+
+
+def static_key(cfg_dict: dict) -> dict:
+    """Same model + data + train config = the same static LM."""
+    return _select(cfg_dict, ("model", "data", "train"), STATIC_IGNORE)
+
+
+def meta_key(cfg_dict: dict) -> dict:
+    """Same model + data + learner + meta config (on the same base) = the same meta-training run."""
+    keys, ignore = ["model", "data", "meta", *LEARNER_RULE], list(META_IGNORE)
+    if cfg_dict.get("meta", {}).get("eval_every", 0):  # repeated validations pick best.pt
+        keys += ["eval.segment_length", "eval.batch_size", "eval.boundary"]
+    else:  # validated once, at the end: it picks nothing
+        ignore.append("meta.valid_articles")
+    return _select(cfg_dict, keys, ignore)
+
+
+def _mismatches(saved: dict, wanted: dict) -> list[str]:
+    """Differences between two selected keys; settings the saved run predates are not compared."""
+    return [f"{k}: {saved[k]!r} vs {v!r}" for k, v in wanted.items() if k in saved and saved[k] != v]
+
+
+def _digest(obj) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+_FINGERPRINTS: dict[tuple, str] = {}
+
+
+def weights_fingerprint(path: Path, ck: dict | None = None, with_learner: bool = True) -> str:
+    """sha1 of a checkpoint's weights (and learner): what tuning and evaluation results depend on.
+    Cached per file version, so planning and running do not hash the same file twice."""
+    st = Path(path).stat()
+    cache_key = (str(Path(path).resolve()), st.st_mtime_ns, st.st_size, with_learner)
+    if cache_key not in _FINGERPRINTS:
+        ck = ck if ck is not None else load_checkpoint(path)
+        parts = [params_fingerprint(ck["params"])]
+        if with_learner and ck.get("learner"):
+            parts.append(params_fingerprint(ck["learner"]))
+        _FINGERPRINTS[cache_key] = "+".join(parts)
+    return _FINGERPRINTS[cache_key]
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+# ---- finding runs to reuse ------------------------------------------------------------------------
+@dataclass
+class FoundRun:
+    run_dir: Path
+    finished: bool
+    progress: str  # "step 7848, 37.5 min"
+    owned: bool  # made by the runner (under RUNS/experiments): it may resume it
+
+
+def _run_progress(ck: dict, kind: str, cfg: Config) -> tuple[bool, str]:
+    """Whether the run in `ck` has reached its budget (steps, epochs or minutes), as its loop decides."""
+    step, minutes = ck.get("step") or 0, ck.get("minutes") or 0.0
+    text = f"step {step}, {minutes:.1f} min"
+    if kind == "static":
+        t = cfg.train
+        epochs_done = not t.max_steps and t.epochs and (ck.get("epoch") or 0) >= t.epochs  # max_steps wins
+        done = (t.max_steps and step >= t.max_steps) or epochs_done or (t.max_minutes and minutes >= t.max_minutes)
+    else:
+        m = cfg.meta
+        done = step >= m.steps or (m.max_minutes and minutes >= m.max_minutes)
+    return bool(done), text
+
+
+_INFO: dict[tuple, dict] = {}
+
+
+def checkpoint_info(path: Path) -> dict:
+    """kind, config and progress of a checkpoint, read through mmap (the tensors stay on disk) and
+    cached per file version: planning looks at the same checkpoints many times."""
+    st = Path(path).stat()
+    cache_key = (str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
+    if cache_key not in _INFO:
+        ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        _INFO[cache_key] = {k: ck.get(k) for k in ("kind", "config", "step", "minutes", "epoch", "base_checkpoint")}
+    return _INFO[cache_key]
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return Path(root).resolve() in Path(path).resolve().parents
+
+
+def _candidate_dirs(runs: Path, owned: Path, preferred: str) -> list[Path]:
+    """Run directories that may hold a reusable run: the files' own log.out_dir first (when it lies
+    under RUNS/), then the runner's, then any other directly under RUNS/."""
+    seen, out = set(), []
+    first = [Path(preferred)] if _inside(preferred, runs) else []
+    for d in [*first, *sorted(owned.glob("*")), *sorted(runs.glob("*"))]:
+        r = d.resolve()
+        if r not in seen and (d / "config.yaml").is_file() and (d / "checkpoints").is_dir():
+            seen.add(r)
+            out.append(d)
+    return out
+
+
+def find_run(kind: str, cfg: Config, key_fn: Callable[[dict], dict], runs: Path, owned: Path,
+             accept: Callable[[dict, Path], str | None] = lambda ck, d: None,
+             explain: bool = True) -> tuple[FoundRun | None, list[str]]:
+    """The best run of `kind` ('static' | 'meta') whose saved config matches cfg under key_fn:
+    a finished one, else an unfinished one the runner owns (to resume). Also returns notes on near
+    misses: matching but unfinished runs of others, and (explain) why cfg.log.out_dir does not match."""
+    wanted, notes, unfinished = key_fn(to_dict(cfg)), [], None
+    for d in _candidate_dirs(runs, owned, cfg.log.out_dir):
+        is_owned = _inside(d, owned)
+        try:
+            saved = yaml.safe_load((d / "config.yaml").read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            continue
+        diff = _mismatches(key_fn(saved), wanted)
+        if diff:
+            if explain and d.resolve() == Path(cfg.log.out_dir).resolve():
+                notes.append(f"not reusing {d}: {'; '.join(diff[:4])}{' ...' if len(diff) > 4 else ''}")
+            continue
+        path = latest_checkpoint(d / "checkpoints")
+        if path is None:
+            continue
+        try:
+            ck = checkpoint_info(path)
+        except Exception as e:  # noqa: BLE001 - an unreadable candidate is just not reused
+            notes.append(f"not reusing {d}: {path} cannot be read ({type(e).__name__})")
+            continue
+        problem = (f"a {ck.get('kind')!r} run" if ck.get("kind") != kind else
+                   "; ".join(_mismatches(key_fn(ck.get("config") or {}), wanted)) or accept(ck, d))
+        if problem:
+            continue
+        finished, progress = _run_progress(ck, kind, cfg)
+        if finished:
+            return FoundRun(d, True, progress, is_owned), notes
+        if is_owned and unfinished is None:
+            unfinished = FoundRun(d, False, progress, True)
+        elif not is_owned:
+            notes.append(f"not reusing {d} yet: it matches but has not finished ({progress}); once it has "
+                         "(or has been continued with its own command and --resume), it is reused")
+    return unfinished, notes
+
+
+def best_or_last(run_dir: Path) -> Path:
+    """The checkpoint later stages read: best.pt (best validation), else the newest."""
+    best = run_dir / "checkpoints" / "best.pt"
+    return best if best.is_file() else (latest_checkpoint(run_dir / "checkpoints") or best)
+
+
+# ---- stages ---------------------------------------------------------------------------------------
+class Stopped(Exception):
+    """SIGINT/SIGTERM ended a training stage after its checkpoint: the runner stops, resumable."""
+
+    def __init__(self, rc: int):
+        super().__init__(rc)
+        self.rc = rc
+
+
+@dataclass
+class Stage:
+    kind: str  # prepare | train | metatrain | tune | evaluate | report
+    label: str
+    check: Callable[[], tuple[bool, str]]  # (done, what is there / what will happen)
+    run: Callable[[], None]
+    budget: str = ""
+
+
+def git_commit() -> str:
+    """HEAD of the repository, '+dirty' when tracked files have uncommitted changes."""
+    try:
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                              text=True, timeout=20)
+        if head.returncode:
+            return "unknown"
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=20).stdout.strip()
+        return head.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _with_out(cfg: Config, run_dir: Path) -> Config:
+    c = copy.deepcopy(cfg)
+    c.log.out_dir = str(run_dir)
+    return c
+
+
+def _stopped(result: dict) -> None:
+    if result.get("stopped_by"):
+        name = result["stopped_by"]
+        raise Stopped(128 + signal.Signals[name].value if name in signal.Signals.__members__ else 1)
+
+
+def describe_data(cfg: Config) -> str:
+    d = cfg.data
+    where = {"wikitext": f"WikiText files in {d.path}", "hub": f"{d.hub_name} {d.hub_config} from the hub",
+             "synthetic": "the synthetic corpus"}.get(d.source, f"{d.source} files in {d.path}")
+    pieces = f" ({d.sp_vocab_size} pieces)" if d.tokenizer == "sentencepiece" else ""
+    return f"{where}, {d.tokenizer} tokenizer{pieces}"
+
+
+def describe_learner(cfg: Config) -> str:
+    m, r = cfg.meta, cfg.rule
+    parts = [f"{r.learner} learner" + (f" (hidden {r.learner_hidden})" if r.learner_hidden else ""),
+             f"K={m.unroll} x {m.chunk} tokens", "second-order" if m.second_order else "first-order",
+             f"boundary {m.boundary}", f"layers {r.layers or 'all'}"]
+    if m.ewc_lambda:
+        parts.append(f"EWC {m.ewc_lambda:g}")
+    return ", ".join(parts)
+
+
+def _budget(minutes: float, steps: int = 0, epochs: int = 0) -> str:
+    """The limit that ends a training stage first, as its loop applies them."""
+    if minutes:
+        return f"budget {minutes:g} min"
+    return f"{steps} steps" if steps else (f"{epochs} epochs" if epochs else "")
+
+
+REDOABLE = ("tune", "evaluate")  # stages --redo may repeat in place (training stages own their run dirs)
+
+
+class ExperimentRunner:
+    """The stages of one experiment at one scale; `plan_text()` lists them, `run()` executes them.
+    redo: stage kinds (of REDOABLE) to run again even when done, e.g. to check that they reproduce."""
+
+    def __init__(self, exp: Experiment, scale: str, overrides: list[str], runs: Path, command: str,
+                 results_file: Path | None = RESULTS_FILE, readme: Path | None = README_FILE, redo=()):
+        bad = sorted(set(redo) - set(REDOABLE))
+        if bad:
+            raise ConfigError(f"--redo {','.join(bad)}: only {', '.join(REDOABLE)} can be redone in place")
+        self.exp, self.scale, self.overrides, self.command = exp, scale, list(overrides), command
+        self.redo = set(redo)
+        self.runs = Path(runs)
+        self.root = self.runs / "experiments" / scale
+        self.exp_dir = self.root / exp.name
+        self.results_file, self.readme = results_file, readme
+        self.configs = experiment_configs(exp, scale, overrides)
+        self.commit = git_commit()
+
+    # -- the base model -------------------------------------------------------------------------
+    def base_run(self) -> tuple[FoundRun | None, Path, list[str]]:
+        """(reusable or resumable run, the directory the base lives or will live in, notes)."""
+        cfg = self.configs.static
+        found, notes = find_run("static", cfg, static_key, self.runs, self.root / "static")
+        new_dir = self.root / "static" / f"{self.exp.base}-{_digest(static_key(to_dict(cfg)))}"
+        return found, (found.run_dir if found else new_dir), notes
+
+    def base_checkpoint(self) -> Path:
+        return best_or_last(self.base_run()[1])
+
+    # -- meta-training --------------------------------------------------------------------------
+    def meta_run(self, ac: ArmConfig) -> tuple[FoundRun | None, Path, list[str]]:
+        base_ckpt = self.base_checkpoint()
+        if not base_ckpt.is_file():
+            slug = self._meta_dir_name(ac.cfg)
+            return None, self.root / "meta" / slug, []
+        base_fp = weights_fingerprint(base_ckpt, with_learner=False)
+
+        def same_base(ck: dict, run_dir: Path) -> str | None:
+            record = _read_json(run_dir / RECORD)
+            if record and "base_fingerprint" in record:
+                return None if record["base_fingerprint"] == base_fp else "another base model"
+            init = ck.get("base_checkpoint")  # a run started by hand: compare where it started from
+            return None if init and Path(init).resolve() == base_ckpt.resolve() else "another base checkpoint"
+
+        # the meta files' own log.out_dir is this arm's conventional place only when nothing is added to them
+        plain = not at_scale(self.exp.files, self.scale) and not at_scale(ac.arm.files, self.scale)
+        found, notes = find_run("meta", ac.cfg, meta_key, self.runs, self.root / "meta", accept=same_base,
+                                explain=plain)
+        return found, (found.run_dir if found else self.root / "meta" / self._meta_dir_name(ac.cfg)), notes
+
+    def _meta_dir_name(self, cfg: Config) -> str:
+        m, r = cfg.meta, cfg.rule
+        slug = (f"{self.exp.base}-{r.learner}{r.learner_hidden or ''}-k{m.unroll}-o{2 if m.second_order else 1}-"
+                f"{m.boundary}" + (f"-ewc{m.ewc_lambda:g}" if m.ewc_lambda else "")
+                + (f"-layers{'_'.join(map(str, r.layers))}" if r.layers else ""))
+        # the base model is part of the identity: same settings over another base = another run
+        return f"{slug}-{_digest([meta_key(to_dict(cfg)), static_key(to_dict(self.configs.static))])}"
+
+    def checkpoint_for(self, ac: ArmConfig) -> Path:
+        """What an arm evaluates: its meta-trained checkpoint, or the base model."""
+        return best_or_last(self.meta_run(ac)[1]) if self.exp.learner else self.base_checkpoint()
+
+    def tune_target(self, ac: ArmConfig) -> Path:
+        """The checkpoint whose weights the baselines read. Meta-training with theta0 and the static
+        weights fixed leaves the base weights as they were, so the base is tuned once for everyone."""
+        m = ac.cfg.meta
+        if self.exp.learner and (m.theta0_lr > 0 or m.static_lr > 0):
+            return self.checkpoint_for(ac)
+        return self.base_checkpoint()
+
+    # -- keys of tuning and evaluation ----------------------------------------------------------
+    def tune_key(self, ckpt: Path, cfg: Config, mode: str) -> dict:
+        axes = MODE_AXES[mode]
+        settings = _select(to_dict(cfg), ("data", "model", "eval.segment_length", "eval.batch_size", "eval.boundary",
+                                          "tune.split", "tune.articles", "tune.reference_segment_length",
+                                          "tune.max_extensions", *[f"tune.{a}" for a in axes], *BASELINE_RULE,
+                                          "train.bf16"), ("data.cache_dir",))
+        return {"weights": weights_fingerprint(ckpt, with_learner=False), "mode": mode, **settings}
+
+    def eval_cfg(self, ac: ArmConfig) -> tuple[Config, dict | None]:
+        """The arm's config with the tuned baseline values under it (files and overrides still win),
+        as `dynlm evaluate` loads RUN/tuned.yaml; plus what summary.json records about them."""
+        if not self.exp.tune:
+            return ac.cfg, None
+        target = self.tune_target(ac)
+        tuned = target.parent.parent / TUNED_FILE
+        if not tuned.is_file():
+            return ac.cfg, None
+        values = read_tuned(tuned)
+        cfg = load_config(ac.files, [o.lstrip("-") for o in self.overrides],
+                          base={"rule": {k.removeprefix("rule."): v for k, v in values.items()}})
+        return cfg, {"path": tuned, "target": target}
+
+    def eval_key(self, ckpt: Path, cfg: Config) -> dict:
+        settings = _select(to_dict(cfg), ("eval", "rule", "data", "model", "train.bf16"),
+                           ("eval.modes", "rule.compile", "data.cache_dir"))
+        return {"weights": weights_fingerprint(ckpt), "split": SPLIT, "modes": list(self.exp.modes), **settings}
+
+    def eval_dir(self, ac: ArmConfig) -> Path:
+        return self.exp_dir / ac.arm.name / f"eval_{SPLIT}"
+
+    # -- the plan -------------------------------------------------------------------------------
+    def stages(self) -> list[Stage]:
+        exp, static = self.exp, self.configs.static
+        out: list[Stage] = []
+
+        def check_prepare():
+            _, base_dir, _ = self.base_run()
+            tok = base_dir / "tokenizer"
+            return (True, f"done: {tok}") if tok.is_dir() else (False, f"build the tokenizer and token cache -> {tok}")
+
+        def run_prepare():
+            _, base_dir, _ = self.base_run()
+            prepare_data(_with_out(static, base_dir), base_dir, ["train", SPLIT])
+
+        out.append(Stage("prepare", f"{describe_data(static)} (base '{exp.base}')", check_prepare, run_prepare))
+
+        def check_train():
+            found, base_dir, notes = self.base_run()
+            extra = "".join(f"\n        {n}" for n in notes)
+            if found and found.finished:
+                return True, f"reusing {base_dir} (model/data/train config matches; finished: {found.progress}){extra}"
+            if found:
+                return False, f"resume {base_dir} ({found.progress}){extra}"
+            return False, f"train -> {base_dir}{extra}"
+
+        def run_train():
+            found, base_dir, _ = self.base_run()
+            result = train_static(_with_out(static, base_dir), base_dir, resume=found is not None)
+            _stopped(result)
+
+        out.append(Stage("train", f"static LM: {static.model.n_layers} x {static.model.hidden_size} LSTM, "
+                                  f"{static.model.emb_size}-d embeddings, {static.model.softmax} softmax",
+                         check_train, run_train,
+                         _budget(static.train.max_minutes, static.train.max_steps, static.train.epochs)))
+
+        if exp.learner:
+            for ac in self.configs.arms:
+                out.append(self._meta_stage(ac))
+        for target_arms in self._tune_groups():
+            out.append(self._tune_stage(target_arms))
+        for ac in self.configs.arms:
+            out.append(self._eval_stage(ac))
+        out.append(Stage("report", f"{self.exp_dir / 'experiment.json'}"
+                                   + (f", {self.results_file}" if self.results_file else "")
+                                   + (f", {self.readme}" if self.readme else ""),
+                         lambda: (False, "write"), self.report))
+        return out
+
+    def _meta_stage(self, ac: ArmConfig) -> Stage:
+        def check():
+            found, run_dir, notes = self.meta_run(ac)
+            extra = "".join(f"\n        {n}" for n in notes)
+            if found and found.finished:
+                return True, (f"reusing {run_dir} (base, learner and meta config match; finished: "
+                              f"{found.progress}){extra}")
+            if not self.base_checkpoint().is_file():
+                return False, f"meta-train (after the base) -> {run_dir}"
+            return False, (f"resume {run_dir} ({found.progress})" if found else f"meta-train -> {run_dir}") + extra
+
+        def run():
+            found, run_dir, _ = self.meta_run(ac)
+            base_ckpt = self.base_checkpoint()
+            if found is None:
+                _write_json(run_dir / RECORD, {"base_checkpoint": str(base_ckpt), "commit": self.commit,
+                                               "base_fingerprint": weights_fingerprint(base_ckpt, with_learner=False),
+                                               "command": self.command, "started": _now()})
+            result = metatrain(_with_out(ac.cfg, run_dir), run_dir, init=base_ckpt, resume=found is not None)
+            _stopped(result)
+
+        return Stage("metatrain", f"arm {ac.arm.name}: {describe_learner(ac.cfg)}", check, run,
+                     _budget(ac.cfg.meta.max_minutes, ac.cfg.meta.steps))
+
+    def _tune_groups(self) -> list[list[ArmConfig]]:
+        """Arms grouped by the checkpoint their baselines are tuned on (one group in practice)."""
+        if not self.exp.tune:
+            return []
+        groups: dict[str, list[ArmConfig]] = {}
+        for ac in self.configs.arms:
+            groups.setdefault(str(self.tune_target(ac)), []).append(ac)
+        return list(groups.values())
+
+    def _tune_stage(self, arms: list[ArmConfig]) -> Stage:
+        ac, modes = arms[0], list(self.exp.tune)
+
+        def todo() -> tuple[Path, list[str]]:
+            target = self.tune_target(ac)
+            if not target.is_file():
+                return target, modes
+            records = _read_json(target.parent.parent / "tune" / RECORD) or {}
+            tuned = target.parent.parent / TUNED_FILE
+            have = read_tuned(tuned) if tuned.is_file() else {}
+
+            def done(m):  # same key, and tuned.yaml still holds what that tuning found (not edited since)
+                r = records.get(m, {})
+                return (r.get("key") == self.tune_key(target, ac.cfg, m) and bool(r.get("values"))
+                        and all(have.get(k) == v for k, v in r["values"].items()))
+            return target, [m for m in modes if m in self.redo_modes or not done(m)]
+
+        def check():
+            target, missing = todo()
+            where = f"{target.parent.parent / TUNED_FILE}"
+            if not missing:
+                return True, f"done: {where} (tuned on these weights and settings)"
+            return False, f"tune {', '.join(missing)} -> {where}"
+
+        def run():
+            target, missing = todo()
+            ck = load_checkpoint(target)
+            started = time.perf_counter()
+            result = tune_checkpoint(ck, target, ac.cfg, missing, ac.cfg.tune.split, ac.cfg.tune.articles)
+            path = target.parent.parent / "tune" / RECORD
+            records = _read_json(path) or {}
+            for m in missing:
+                values = {f"rule.{a}": result["best"][a] for a in MODE_AXES[m]}
+                records[m] = {"key": self.tune_key(target, ac.cfg, m), "values": values, "commit": self.commit,
+                              "command": self.command, "finished": _now(), "seconds": time.perf_counter() - started}
+            _write_json(path, records)
+
+        t = ac.cfg.tune
+        return Stage("tune", f"{', '.join(modes)} on the first {t.articles or 'all'} {t.split} articles, segment "
+                             f"length {ac.cfg.eval.segment_length}", check, run)
+
+    def _eval_stage(self, ac: ArmConfig) -> Stage:
+        def state() -> tuple[Path, Config, dict | None, bool]:
+            ckpt = self.checkpoint_for(ac)
+            cfg, tuned = self.eval_cfg(ac)
+            out = self.eval_dir(ac)
+            record = _read_json(out / RECORD)
+            done = (ckpt.is_file() and (out / "summary.json").is_file() and record is not None
+                    and record.get("key") == self.eval_key(ckpt, cfg))
+            return ckpt, cfg, tuned, done
+
+        def check():
+            ckpt, cfg, _, done = state()
+            out = self.eval_dir(ac)
+            if done:
+                return True, f"done: {out} (same weights, modes and settings)"
+            return False, f"evaluate {ckpt} -> {out}"
+
+        def run():
+            ckpt, cfg, tuned, _ = state()
+            out = self.eval_dir(ac)
+            previous = _read_json(out / "summary.json") if "evaluate" in self.redo else None
+            ck = load_checkpoint(ckpt)
+            info = tuned_in_effect(tuned["path"], tuned["target"], cfg) if tuned else None
+            started = time.perf_counter()
+            evaluate_checkpoint(ck, ckpt, cfg, SPLIT, list(self.exp.modes), out, tuned=info)
+            (out.parent / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            _write_json(out / RECORD, {"key": self.eval_key(ckpt, cfg), "checkpoint": str(ckpt),
+                                       "commit": self.commit, "command": self.command, "finished": _now(),
+                                       "seconds": time.perf_counter() - started})
+            if previous:
+                print(compare_summaries(previous, _read_json(out / "summary.json")))
+
+        e = ac.cfg.eval
+        articles = f"first {e.max_articles}" if e.max_articles else "all"
+        return Stage("evaluate", f"arm {ac.arm.name}: {', '.join(self.exp.modes)} on {SPLIT} ({articles} articles, "
+                                 f"segment length {e.segment_length}, boundary {e.boundary})", check, run)
+
+    @property
+    def redo_modes(self) -> set[str]:
+        return set(self.exp.tune) if "tune" in self.redo else set()
+
+    # -- the record and the tables --------------------------------------------------------------
+    def report(self) -> None:
+        arms = []
+        for ac in self.configs.arms:
+            entry = {"name": ac.arm.name, "files": [f.name for f in ac.files],
+                     "eval_max_articles": ac.cfg.eval.max_articles, "checkpoint": str(self.checkpoint_for(ac))}
+            if self.exp.learner:
+                found, run_dir, _ = self.meta_run(ac)
+                entry["meta_run"] = str(run_dir)
+                if found:
+                    entry["meta_progress"] = found.progress
+            arms.append(entry)
+        found, base_dir, _ = self.base_run()
+        _write_json(self.exp_dir / "experiment.json", {
+            "experiment": self.exp.name, "title": self.exp.title, "scale": self.scale, "corpus": CORPUS[self.scale],
+            "command": self.command, "updated": _now(), "commit": self.commit, "modes": list(self.exp.modes),
+            "tuned": list(self.exp.tune), "tune_articles": self.configs.arms[0].cfg.tune.articles,
+            "data": describe_data(self.configs.static),
+            "base": {"name": self.exp.base, "run_dir": str(base_dir),
+                     "files": [f.name for f in self.configs.static_files],
+                     "progress": found.progress if found else None},
+            "arms": arms})
+        write_results(self.runs, self.results_file, self.readme)
+
+    def plan_text(self) -> str:
+        lines = [f"experiment {self.exp.name} at {self.scale} scale ({CORPUS[self.scale]}): {self.exp.title}",
+                 f"  base files: {', '.join(f.name for f in self.configs.static_files)}"]
+        for ac in self.configs.arms:
+            lines.append(f"  arm {ac.arm.name}: {', '.join(f.name for f in ac.files)}")
+        for i, s in enumerate(self.stages(), 1):
+            done, what = s.check()
+            budget = f" [{s.budget}]" if s.budget else ""
+            status = ("redo" if s.kind in self.redo else "skip") if done else "run "
+            lines.append(f"  {i}. {s.kind:<9} {s.label}{budget}\n       {status}: {what}")
+        return "\n".join(lines)
+
+    def run(self) -> None:
+        print(self.plan_text(), flush=True)
+        for s in self.stages():
+            done, what = s.check()  # again: an earlier stage may have produced or changed what this one reads
+            if done and s.kind in self.redo:
+                print(f"\n[{self.exp.name}] {s.kind}: done, redone (--redo): {what}", flush=True)
+            elif done:
+                print(f"\n[{self.exp.name}] {s.kind}: skipped, {what}", flush=True)
+                continue
+            print(f"\n[{self.exp.name}] {s.kind}: {s.label}\n  {what}", flush=True)
+            started = time.perf_counter()
+            s.run()
+            minutes = (time.perf_counter() - started) / 60
+            print(f"[{self.exp.name}] {s.kind}: finished in {minutes:.1f} min", flush=True)
+
+
+# ---- RESULTS.md and README ------------------------------------------------------------------------
+PUBLISHED_WT2 = (  # published WikiText-2 perplexities of much larger models: references, not our results
+    ("AWD-LSTM, static (Merity et al., 2018)", "68.6", "65.8"),
+    ("AWD-LSTM + dynamic evaluation (Krause et al., 2018)", "46.4", "44.3"),
+    ("AWD-LSTM + neural cache (Merity et al., 2018)", "", "52.0"),
+    ("meta-learned dynamical LM, ACL 2018 version (Wolf, Chaumond & Delangue)", "", "46.9"),
+)
+MODE_ORDER = ("static", "sgd", "dyneval", "cache", "learned")
+README_BEGIN = "<!-- BEGIN generated: dynlm experiment --results (CPU WikiText-2 table); do not edit by hand -->"
+README_END = "<!-- END generated: dynlm experiment --results -->"
+
+
+def _ppl(m: dict) -> float:
+    """Per-word perplexity where the tokens are not words (sentencepiece), so all rows compare."""
+    return m.get("word_ppl", m["ppl"])
+
+
+def collect_results(runs: Path) -> list[dict]:
+    """Every experiment record under RUNS/experiments with its arms' summaries, in registry order."""
+    found = []
+    for path in sorted(Path(runs, "experiments").glob("*/*/experiment.json")):
+        record = _read_json(path)
+        if not record:
+            continue
+        for arm in record["arms"]:
+            eval_dir = path.parent / arm["name"] / f"eval_{SPLIT}"
+            arm["summary"] = _read_json(eval_dir / "summary.json")
+            arm["record"] = _read_json(eval_dir / RECORD) or {}
+        found.append(record)
+    order = {n: i for i, n in enumerate(EXPERIMENTS)}
+    return sorted(found, key=lambda r: (SCALES.index(r["scale"]) if r["scale"] in SCALES else 9,
+                                        order.get(r["experiment"], 99), r["experiment"]))
+
+
+def _cell(modes: dict, mode: str) -> str:
+    if mode not in modes:
+        return ""
+    m, rel = modes[mode], modes[mode].get("rel_change_vs_static")
+    return f"{_ppl(m):.2f}" + (f" ({100 * rel:+.1f}%)" if rel is not None and mode != "static" else "")
+
+
+def overview_table(records: list[dict], scale: str) -> str:
+    lines = ["| experiment | arm | articles | " + " | ".join(MODE_ORDER) + " |",
+             "|---|---|---|" + "---|" * len(MODE_ORDER)]
+    for r in records:
+        if r["scale"] != scale:
+            continue
+        for arm in r["arms"]:
+            s = (arm.get("summary") or {}).get("modes")
+            if not s:
+                continue
+            first = next(iter(s.values()))
+            word = " (per word)" if "word_ppl" in first else ""
+            lines.append(f"| {r['experiment']}{word} | {arm['name']} | {first['n_articles']} | "
+                         + " | ".join(_cell(s, m) for m in MODE_ORDER) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def goal_note(records: list[dict], scale: str) -> str:
+    """Does the learned rule beat tuned dynamic evaluation on the same base and articles (2-level)?"""
+    r = next((r for r in records if r["scale"] == scale and r["experiment"] == "2-level"), None)
+    s = ((r or {}).get("arms") or [{}])[0].get("summary")
+    if not s or not {"learned", "dyneval", "static"} <= set(s["modes"]):
+        return ""
+    learned, dyneval = s["modes"]["learned"], s["modes"]["dyneval"]
+    gap = _ppl(dyneval) - _ppl(learned)
+    verdict = (f"the learned rule beats tuned dynamic evaluation by {gap:.2f} ppl" if gap > 0 else
+               f"the learned rule falls short of tuned dynamic evaluation by {-gap:.2f} ppl "
+               f"({100 * (learned['rel_change_vs_static'] - dyneval['rel_change_vs_static']):+.1f} points of "
+               f"relative change vs static)")
+    return (f"**2-level goal** (learned beats tuned dynamic evaluation on the same base model and articles): "
+            f"learned {_ppl(learned):.2f} ({100 * learned['rel_change_vs_static']:+.1f}% vs static), dyneval "
+            f"{_ppl(dyneval):.2f} ({100 * dyneval['rel_change_vs_static']:+.1f}%): {verdict}.")
+
+
+def published_table() -> str:
+    lines = ["| published model (WikiText-2, much larger than ours) | valid ppl | test ppl |", "|---|---|---|"]
+    lines += [f"| {name} | {v or '—'} | {t or '—'} |" for name, v, t in PUBLISHED_WT2]
+    return "\n".join(lines)
+
+
+def experiment_section(r: dict) -> str:
+    lines = [f"### {r['experiment']}: {r['title']}", ""]
+    tune = (f" Baselines ({', '.join(r['tuned'])}) tuned on the first {r['tune_articles'] or 'all'} validation "
+            f"articles, which are among the evaluated ones." if r.get("tuned") else "")
+    lines.append(f"Data: {r.get('data', '?')}. Base model: `{r['base']['run_dir']}` ({', '.join(r['base']['files'])}"
+                 + (f"; {r['base']['progress']}" if r['base'].get("progress") else "") + ")." + tune)
+    lines += ["", "| arm | mode | valid ppl | per-word ppl | vs static | tokens/s | tokens | articles |",
+              "|---|---|---|---|---|---|---|---|"]
+    produced = []
+    for arm in r["arms"]:
+        s = (arm.get("summary") or {}).get("modes")
+        if not s:
+            lines.append(f"| {arm['name']} | (not evaluated yet) | | | | | | |")
+            continue
+        for mode in [m for m in MODE_ORDER if m in s] + [m for m in s if m not in MODE_ORDER]:
+            m = s[mode]
+            rel, tps, word = m.get("rel_change_vs_static"), m.get("tokens_per_s"), m.get("word_ppl")
+            cells = [arm["name"], mode, f"{m['ppl']:.2f}", "" if word is None else f"{word:.2f}",
+                     "" if rel is None else f"{100 * rel:+.2f}%", "" if tps is None else f"{tps:,.0f}",
+                     f"{m['n_tokens']:,}", str(m["n_articles"])]
+            lines.append("| " + " | ".join(cells) + " |")
+        rec = arm.get("record", {})
+        tuned = (arm.get("summary") or {}).get("tuned", {}).get("effective")
+        tuned = f"; tuned values {', '.join(f'{k}={v:g}' for k, v in tuned.items())}" if tuned else ""
+        subset = (f"first {arm['eval_max_articles']} validation articles (eval.max_articles)"
+                  if arm.get("eval_max_articles") else "all validation articles")
+        meta = f"; meta-training {arm['meta_progress']} (`{arm['meta_run']}`)" if arm.get("meta_progress") else ""
+        produced.append(f"- {arm['name']}: {subset}{meta}{tuned}; evaluated at commit `{rec.get('commit', '?')}`"
+                        f" on {rec.get('finished', '?')} by `{rec.get('command', r['command'])}`")
+    lines += ["", *produced]
+    return "\n".join(lines)
+
+
+def render_results(records: list[dict]) -> str:
+    out = ["# Experiment results", "",
+           "Generated by `dynlm experiment` (or `dynlm experiment --results`) from the run directories under "
+           "`runs/experiments/`; do not edit by hand. Perplexities are on the validation split; `vs static` is the "
+           "relative perplexity change against the static model on the same articles; tokens/s is the evaluation "
+           "throughput of each mode on the machine that ran it (shared CPUs at CPU scale). Sentencepiece runs are "
+           "compared by per-word perplexity (the overview shows it; the tables show both).", ""]
+    for scale in SCALES:
+        recs = [r for r in records if r["scale"] == scale]
+        out += [f"## {scale.upper() if scale == 'cpu' else 'Paper'} scale ({CORPUS[scale]})", ""]
+        table = overview_table(records, scale)
+        out += [table, ""] if table else ["No experiment at this scale has been run yet.", ""]
+        note = goal_note(records, scale)
+        if note:
+            out += [note, ""]
+        for r in recs:
+            out += [experiment_section(r), ""]
+        missing = [n for n in EXPERIMENTS if n not in {r["experiment"] for r in recs}]
+        if missing:
+            out += ["Not run yet: " + ", ".join(f"`dynlm experiment {n} --scale {scale}`" for n in missing), ""]
+    out += ["## Published reference numbers", "", published_table(), ""]
+    return "\n".join(out)
+
+
+def readme_section(records: list[dict]) -> str:
+    table = overview_table(records, "cpu") or "_No CPU experiment has been run yet._"
+    return "\n".join([README_BEGIN, "", "Validation perplexity on WikiText-2 at CPU scale (one small base model; "
+                      "relative change vs static in brackets; details, commits and commands in "
+                      "[experiments/RESULTS.md](experiments/RESULTS.md)):", "", table, "",
+                      "For orientation only, published numbers of a much larger model (AWD-LSTM: 3 layers of "
+                      "1150 units, 33M parameters, long GPU training), not produced by this code:", "",
+                      published_table(), "", README_END])
+
+
+def compare_summaries(before: dict, after: dict) -> str:
+    """Whether a redone evaluation reproduced the recorded perplexities."""
+    old = {m: v["ppl"] for m, v in before.get("modes", {}).items()}
+    new = {m: v["ppl"] for m, v in after.get("modes", {}).items()}
+    if old == new:
+        return f"reproduced the previous perplexities exactly: {', '.join(f'{m} {p:.4f}' for m, p in new.items())}"
+    return "differs from the previous evaluation: " + ", ".join(
+        f"{m} {old.get(m, float('nan')):.4f} -> {new.get(m, float('nan')):.4f}" for m in sorted(set(old) | set(new)))
+
+
+def write_results(runs: Path, results_file: Path | None, readme: Path | None) -> None:
+    """Regenerate RESULTS.md and the README section (between its markers) from the run directories."""
+    records = collect_results(runs)
+    if results_file:
+        Path(results_file).parent.mkdir(parents=True, exist_ok=True)
+        Path(results_file).write_text(render_results(records))
+        print(f"results: {results_file} ({len(records)} experiment record(s) under {Path(runs, 'experiments')})")
+    if readme and Path(readme).is_file():
+        text = Path(readme).read_text()
+        pattern = re.compile(re.escape(README_BEGIN) + r".*?" + re.escape(README_END), re.S)
+        if pattern.search(text):
+            Path(readme).write_text(pattern.sub(lambda _: readme_section(records), text, count=1))
+            print(f"results: updated the generated table in {readme}")
+
+
+# ---- entry point ----------------------------------------------------------------------------------
+def experiment_command(name: str, scale: str, data_dir: str | None, overrides: list[str], runs: Path) -> str:
+    args = ["dynlm", "experiment", name, "--scale", scale]
+    if data_dir:
+        args += ["--data-dir", data_dir]
+    if Path(runs) != Path("runs"):
+        args += ["--runs", str(runs)]
+    return shlex.join(args + [f"--{o.lstrip('-')}" for o in overrides])
+
+
+def run_experiments(name: str | None, scale: str = "cpu", overrides: list[str] = (), data_dir: str | None = None,
+                    dry_run: bool = False, results_only: bool = False, runs: Path = Path("runs"),
+                    results_file: Path | None = RESULTS_FILE, readme: Path | None = README_FILE,
+                    redo: list[str] = ()) -> int:
+    """`dynlm experiment`: plan (--dry-run) or run one experiment, or `all` in registry order; returns
+    the exit code (128 + signal when a training stage was stopped, resumable by running it again)."""
+    if results_only:
+        write_results(runs, results_file, readme)
+        return 0
+    if not name:
+        raise ConfigError(f"name an experiment: {', '.join(EXPERIMENTS)} (or 'all'), or pass --results")
+    names = list(EXPERIMENTS) if name == "all" else [get_experiment(name).name]
+    user = [o.lstrip("-") for o in overrides]
+    data = ["data.source=wikitext", f"data.path={data_dir}"] if data_dir else []  # before the user's, which win
+    runners = [ExperimentRunner(EXPERIMENTS[n], scale, data + user, runs,
+                                experiment_command(n, scale, data_dir, user, runs), results_file, readme, redo)
+               for n in names]  # every config is validated before anything runs
+    for runner in runners:
+        if dry_run:
+            print(runner.plan_text() + "\n")
+            continue
+        try:
+            runner.run()
+        except Stopped as stop:
+            print(f"[{runner.exp.name}] stopped by a signal after saving a checkpoint; run the same command again "
+                  "to continue", flush=True)
+            return stop.rc
+    return 0

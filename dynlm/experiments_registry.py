@@ -1,0 +1,96 @@
+"""The experiments of Wolf, Chaumond & Delangue (2018) that `dynlm experiment` runs: per experiment,
+its YAML override files (experiments/*.yaml; the defaults stay in config.py) at each scale, the modes
+it evaluates, the baselines it tunes and the arms it compares. Light to import (the CLI lists it)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENTS_DIR = REPO / "experiments"
+RESULTS_FILE = EXPERIMENTS_DIR / "RESULTS.md"
+README_FILE = REPO / "README.md"
+SCALES = ("cpu", "paper")
+CORPUS = {"cpu": "WikiText-2", "paper": "WikiText-103"}
+SPLIT = "valid"  # every experiment reports validation perplexity; test stays untouched
+BASELINES = ("sgd", "dyneval", "cache")
+
+Files = tuple[str, ...] | dict[str, tuple[str, ...]]  # the same files at both scales, or per scale
+
+
+def at_scale(files: Files, scale: str) -> tuple[str, ...]:
+    return files.get(scale, ()) if isinstance(files, dict) else files
+
+
+# Base static models. Experiments naming the same base (or bases whose settings coincide) share one
+# checkpoint; at paper scale the multilayer base is the main 3-layer model itself.
+BASES: dict[str, dict[str, tuple[str, ...]]] = {
+    "word": {"cpu": ("wt2_cpu_static.yaml",), "paper": ("wt103_paper_static.yaml",)},
+    "sentencepiece": {"cpu": ("wt2_cpu_static.yaml", "wt2_cpu_sentencepiece.yaml"),
+                      "paper": ("wt103_paper_static.yaml", "wt103_paper_sentencepiece.yaml")},
+    "multilayer": {"cpu": ("wt2_cpu_static.yaml", "wt2_cpu_2layer.yaml"), "paper": ("wt103_paper_static.yaml",)},
+}
+META_FILES = {"cpu": ("wt2_cpu_meta.yaml",), "paper": ("wt103_paper_meta.yaml",)}  # every learned experiment
+ABLATION_BUDGET = {"cpu": ("wt2_cpu_ablation.yaml",), "paper": ("wt103_paper_ablation.yaml",)}
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One configuration compared within an experiment (its own meta-training run and evaluation)."""
+    name: str  # also its directory name under RUNS/experiments/SCALE/EXPERIMENT/
+    files: Files = ()
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    title: str
+    modes: tuple[str, ...]  # evaluated per article on valid
+    base: str = "word"  # key of BASES
+    tune: tuple[str, ...] = ()  # baselines grid-searched before the evaluation
+    files: Files = ()  # over the base (+ meta) files, for every arm
+    arms: tuple[Arm, ...] = (Arm("main"),)
+
+    @property
+    def learner(self) -> bool:
+        return "learned" in self.modes
+
+
+EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
+    Experiment("1-level", "static LSTM LM (short-term memory only)", ("static",)),
+    # the meta files too, for their eval settings: every dynamic method reads at one segment length,
+    # so the baselines are tuned (once, on the shared base) at the length the learned rule uses
+    Experiment("baselines", "dynamic evaluation (SGD; RMS + decay prior) and the neural cache, tuned, "
+               "on the base model", ("static", *BASELINES), tune=BASELINES, files=META_FILES),
+    Experiment("2-level", "LSTM + meta-learner rewriting the LSTM weights, reset at article boundaries",
+               ("static", *BASELINES, "learned"), tune=BASELINES),
+    Experiment("3-level", "continuous reading across article boundaries, with and without the EWC-style "
+               "consolidation towards theta0", ("static", "learned"),
+               files={"cpu": ("continuous.yaml", "wt2_cpu_3level.yaml"),
+                      "paper": ("continuous.yaml", "wt103_paper_3level.yaml")},
+               arms=(Arm("ewc", ("ewc.yaml",)), Arm("no-ewc"))),
+    Experiment("ablate-learner", "feed-forward vs recurrent meta-learner", ("static", "learned"),
+               files=ABLATION_BUDGET, arms=(Arm("ff"), Arm("rnn", ("learner_rnn.yaml",)))),
+    Experiment("ablate-order", "first- vs second-order meta-gradients", ("static", "learned"),
+               files=ABLATION_BUDGET, arms=(Arm("first-order"), Arm("second-order", ("second_order.yaml",)))),
+    Experiment("ablate-unroll", "unroll length K of the meta-gradient (same budget per arm)", ("static", "learned"),
+               files=ABLATION_BUDGET, arms=(Arm("k1", ("unroll_1.yaml",)), Arm("k4", ("unroll_4.yaml",)),
+                                            Arm("k16", ("unroll_16.yaml",)))),
+    Experiment("ablate-layers", "which LSTM layers the meta-learner rewrites (CPU: a 2-layer base)",
+               ("static", "learned"), base="multilayer", files=ABLATION_BUDGET,
+               arms=(Arm("all"), Arm("layer0", ("adapt_layer_0.yaml",)),
+                     Arm("top", {"cpu": ("wt2_cpu_adapt_layer_1.yaml",),
+                                 "paper": ("wt103_paper_adapt_layer_2.yaml",)}))),
+    Experiment("1-level-sp", "static LM on sentencepiece tokens (per-word perplexity)", ("static",),
+               base="sentencepiece"),
+    Experiment("2-level-sp", "LSTM + meta-learner on sentencepiece tokens (per-word perplexity)",
+               ("static", "learned"), base="sentencepiece"),
+]}
+
+
+def get_experiment(name: str) -> Experiment:
+    if name not in EXPERIMENTS:
+        raise ConfigError(f"unknown experiment {name!r}; valid: {', '.join(EXPERIMENTS)} (or 'all')")
+    return EXPERIMENTS[name]

@@ -1,0 +1,436 @@
+"""`dynlm report --eval DIR`: where people look at per-token loss improvements.
+
+Renders from DIR/tokens.parquet (and per_article.csv for titles) written by `dynlm evaluate`:
+
+- improvement.png      loss improvement (static NLL - mode NLL, nats/token) against position in the
+                       article, averaged over all tokens in position bins; one line per mode
+- improvement_by_position.csv   the numbers behind improvement.png
+- stream.png           instantaneous perplexity gain (static ppl - mode ppl, trailing moving average
+                       within each article) along consecutive articles A, B, C, ... with boundaries
+- histogram.png        per-article relative perplexity change vs static, per mode
+- heatmap.html         selected articles, every token coloured by its improvement (blue: mode better,
+                       red: worse, white: equal; tooltip with both NLLs); self-contained, no JS
+
+Improvement is always measured against the `static` column, so a file without a non-static mode
+has nothing to compare: no plots are drawn and heatmap.html only shows the static NLLs.
+"""
+from __future__ import annotations
+
+import csv
+import html
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend, Agg canvas
+from matplotlib.ticker import MaxNLocator
+
+from .config import ConfigError, ReportConfig
+from .data.errors import DataError
+
+BLUE = (37, 99, 235)  # the mode predicted this token better than static
+RED = (220, 38, 38)  # ... worse
+WHITE = (255, 255, 255)
+
+
+class ReportError(DataError):
+    """An evaluation directory the report cannot be drawn from (a DataError, so the CLI exits 2)."""
+
+
+@dataclass
+class TokenTable:
+    """tokens.parquet in memory; articles are contiguous runs in reading order."""
+    article_ids: list[str]
+    titles: list[str]
+    starts: np.ndarray  # (A + 1,) token offsets of each article's first token, then N
+    position: np.ndarray  # (N,)
+    text: list[str]  # (N,) token text (or '#id' when the file has no text column)
+    nll: dict[str, np.ndarray]  # mode -> (N,) NLL in nats, static first
+    tokenizer_kind: str = "word"
+    eos_text: str = "<eos>"
+
+    @property
+    def modes(self) -> list[str]:
+        """The modes compared against static."""
+        return [m for m in self.nll if m != "static"]
+
+    @property
+    def n_articles(self) -> int:
+        return len(self.article_ids)
+
+    def article_index(self) -> np.ndarray:
+        return np.repeat(np.arange(self.n_articles), np.diff(self.starts))
+
+    def improvement(self, mode: str) -> np.ndarray:
+        return self.nll["static"] - self.nll[mode]
+
+
+@dataclass
+class Report:
+    eval_dir: Path
+    modes: list[str]  # non-static modes compared against static
+    files: dict[str, Path] = field(default_factory=dict)  # improvement, stream, histogram, heatmap, curve
+    curve: dict | None = None  # improvement_by_position(); None when there is nothing to compare
+    per_article: tuple[list[str], list[list]] = ((), [])  # columns, rows (per_article.csv)
+    message: str = ""
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+def load_tokens(eval_dir: Path) -> TokenTable:
+    path = Path(eval_dir) / "tokens.parquet"
+    if not path.is_file():
+        raise ReportError(f"{path} not found: `dynlm report --eval DIR` needs the directory written by "
+                          f"`dynlm evaluate --out DIR`")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise ReportError(f"{path}: not a readable parquet file ({e})") from None
+    cols = table.column_names
+    missing = [c for c in ("article_id", "position", "nll_static") if c not in cols]
+    if missing:
+        raise ReportError(f"{path}: missing column(s) {missing}; improvements are measured against "
+                          f"nll_static (found {cols})")
+    if table.num_rows == 0:
+        raise ReportError(f"{path}: no tokens")
+    ids = np.asarray(table.column("article_id").to_pylist(), dtype=object)
+    position = table.column("position").to_numpy().astype(np.int64)
+    # a new article starts where the id changes or the position does not grow (evaluate writes
+    # each article's tokens contiguously, in reading order)
+    new = np.ones(len(ids), dtype=bool)
+    new[1:] = (ids[1:] != ids[:-1]) | (position[1:] <= position[:-1])
+    starts = np.append(np.flatnonzero(new), len(ids))
+    if "text" in cols:
+        text = table.column("text").to_pylist()
+    elif "token" in cols:
+        text = [f"#{t}" for t in table.column("token").to_pylist()]
+    else:
+        text = ["?"] * len(ids)
+    nll = {"static": table.column("nll_static").to_numpy().astype(np.float64)}
+    nll.update({c[4:]: table.column(c).to_numpy().astype(np.float64)
+                for c in cols if c.startswith("nll_") and c != "nll_static"})
+    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    article_ids = [str(ids[s]) for s in starts[:-1]]
+    titles = _titles(Path(eval_dir) / "per_article.csv")
+    return TokenTable(article_ids, [titles.get(a, a) for a in article_ids], starts, position, text, nll,
+                      meta.get("dynlm.tokenizer", "word"), meta.get("dynlm.eos_text", "<eos>"))
+
+
+def _titles(per_article_csv: Path) -> dict[str, str]:
+    if not per_article_csv.is_file():
+        return {}
+    with open(per_article_csv, newline="") as f:
+        return {r["article_id"]: r.get("title") or r["article_id"] for r in csv.DictReader(f)}
+
+
+def _number(s: str):
+    for cast in (int, float):
+        try:
+            return cast(s)
+        except ValueError:
+            pass
+    return s
+
+
+def per_article_results(eval_dir: Path, t: TokenTable) -> tuple[list[str], list[list]]:
+    """per_article.csv as typed rows (for the wandb table); computed from the tokens if it is absent."""
+    path = Path(eval_dir) / "per_article.csv"
+    if path.is_file():
+        with open(path, newline="") as f:
+            reader = csv.reader(f)
+            columns = next(reader, [])
+            text_cols = {i for i, c in enumerate(columns) if c in ("mode", "article_id", "title")}
+            # one type per column (wandb tables insist), so ids like '12' stay strings
+            return columns, [[v if i in text_cols else _number(v) for i, v in enumerate(row)] for row in reader]
+    columns = ["mode", "article_id", "title", "n_tokens", "nll_sum", "ppl"]
+    n = np.diff(t.starts)
+    rows = []
+    for mode, nll in t.nll.items():
+        sums = np.add.reduceat(nll, t.starts[:-1])
+        rows += [[mode, a, title, int(k), float(s), math.exp(s / k)]
+                 for a, title, k, s in zip(t.article_ids, t.titles, n, sums)]
+    return columns, rows
+
+
+# --- numbers -------------------------------------------------------------------------------------
+
+def improvement_by_position(t: TokenTable, bin_width: int) -> dict:
+    """Mean improvement (static NLL - mode NLL) over all tokens whose position in their article falls
+    in [k * bin_width, (k + 1) * bin_width), per mode; with the tokens and articles behind each bin."""
+    bins = t.position // bin_width
+    n_tokens = np.bincount(bins)
+    keep = n_tokens > 0  # positions can skip bins only in hand-made files
+    article_bins = np.unique(np.stack([t.article_index(), bins]), axis=1)[1]
+    n_articles = np.bincount(article_bins, minlength=len(n_tokens))
+    curve = {"bin_start": (np.flatnonzero(keep) * bin_width).tolist(), "bin_width": bin_width,
+             "n_tokens": n_tokens[keep].tolist(), "n_articles": n_articles[keep].tolist(), "improvement": {}}
+    for mode in t.modes:
+        sums = np.bincount(bins, weights=t.improvement(mode), minlength=len(n_tokens))
+        curve["improvement"][mode] = (sums[keep] / n_tokens[keep]).tolist()
+    return curve
+
+
+def trailing_mean(x: np.ndarray, starts: np.ndarray, window: int) -> np.ndarray:
+    """Mean of the last `window` values up to and including each token, never crossing an article
+    start, so the jump at a boundary stays visible."""
+    out = np.empty(len(x), dtype=np.float64)
+    for s, e in zip(starts[:-1], starts[1:]):
+        c = np.concatenate([[0.0], np.cumsum(x[s:e])])
+        i = np.arange(e - s)
+        lo = np.maximum(0, i - window + 1)
+        out[s:e] = (c[i + 1] - c[lo]) / (i + 1 - lo)
+    return out
+
+
+def per_article_rel_change(t: TokenTable, mode: str) -> np.ndarray:
+    """ppl_mode / ppl_static - 1 per article."""
+    n = np.diff(t.starts)
+    diff = np.add.reduceat(t.nll[mode] - t.nll["static"], t.starts[:-1])
+    return np.exp(diff / n) - 1
+
+
+def improvement_color(delta: float, scale: float) -> str:
+    """'#rrggbb' from white (delta = 0) to blue (mode better by >= scale nats) or red (worse)."""
+    if not math.isfinite(delta):
+        return "#%02x%02x%02x" % RED
+    end = BLUE if delta > 0 else RED
+    f = min(abs(delta) / scale, 1.0)
+    return "#" + "".join(f"{round(w + (e - w) * f):02x}" for w, e in zip(WHITE, end))
+
+
+def _letters(i: int) -> str:
+    """0 -> A, 25 -> Z, 26 -> AA: the paper's article names."""
+    s = ""
+    i += 1
+    while i:
+        i, r = divmod(i - 1, 26)
+        s = chr(65 + r) + s
+    return s
+
+
+# --- figures -------------------------------------------------------------------------------------
+
+def plot_improvement(curve: dict, path: Path) -> None:
+    fig = Figure(figsize=(8, 4.5), dpi=110)
+    ax = fig.add_subplot()
+    x = np.asarray(curve["bin_start"]) + curve["bin_width"] / 2
+    for mode, y in curve["improvement"].items():
+        ax.plot(x, y, marker="o", markersize=3, label=mode)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xlabel(f"position in article (tokens, bins of {curve['bin_width']})")
+    ax.set_ylabel("static NLL - mode NLL (nats/token)")
+    ax.set_title("Loss improvement over static vs position (higher = mode better)")
+    ax.legend(loc="upper left")
+    counts = ax.twinx()  # how many articles reach each bin: the tail is a few articles only
+    counts.step(x, curve["n_articles"], where="mid", color="grey", alpha=0.35)
+    counts.set_ylabel("articles in bin", color="grey")
+    counts.set_ylim(bottom=0)
+    counts.yaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def plot_stream(t: TokenTable, n_articles: int, window: int, path: Path) -> None:
+    n_articles = min(n_articles, t.n_articles)
+    end = t.starts[n_articles]
+    starts = t.starts[: n_articles + 1]
+    ppl_static = np.exp(trailing_mean(t.nll["static"][:end], starts, window))
+    fig = Figure(figsize=(11, 4.5), dpi=110)
+    ax = fig.add_subplot()
+    x = np.arange(end)
+    for mode in t.modes:
+        ax.plot(x, ppl_static - np.exp(trailing_mean(t.nll[mode][:end], starts, window)), linewidth=1, label=mode)
+    ax.axhline(0, color="black", linewidth=0.8)
+    for i, s in enumerate(starts[:-1]):
+        ax.axvline(s, color="grey", linestyle="--", linewidth=0.8)
+        title = t.titles[i] if len(t.titles[i]) <= 28 else t.titles[i][:27] + "…"
+        ax.text(s, 1.01, f" {_letters(i)}: {title}", transform=ax.get_xaxis_transform(), fontsize=8,
+                va="bottom", ha="left", clip_on=False)
+    ax.set_xlim(0, max(end - 1, 1))
+    ax.set_xlabel("token in the stream of consecutive articles")
+    ax.set_ylabel(f"static ppl - mode ppl\n(trailing mean over {window} tokens)")
+    ax.set_title("Instantaneous perplexity gain over static (higher = mode better)", pad=22)
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def plot_histogram(t: TokenTable, path: Path) -> None:
+    changes = {m: 100 * per_article_rel_change(t, m) for m in t.modes}
+    allv = np.concatenate(list(changes.values()))
+    edges = np.histogram_bin_edges(allv[np.isfinite(allv)], bins=min(30, max(5, t.n_articles)))
+    fig = Figure(figsize=(8, 4.5), dpi=110)
+    ax = fig.add_subplot()
+    for mode, v in changes.items():
+        ax.hist(v[np.isfinite(v)], bins=edges, alpha=0.5, label=f"{mode} (median {np.median(v):+.1f}%)")
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_xlabel("per-article perplexity change vs static (%; negative = mode better)")
+    ax.set_ylabel("articles")
+    ax.set_title(f"Per-article relative perplexity change ({t.n_articles} articles)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+# --- HTML heat-map -------------------------------------------------------------------------------
+
+CSS = """
+body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:1.5em auto;max-width:60em;color:#111;line-height:1.7}
+h1{font-size:1.4em} h2{font-size:1.15em;margin-top:1.5em} h3{font-size:1em;margin-bottom:.2em}
+.legend span,.tokens span{padding:0 1px;border-radius:2px}
+.tokens{font-family:Georgia,serif;font-size:15px;white-space:normal;word-wrap:break-word}
+.meta{color:#555;font-weight:normal;font-size:.9em}
+.picker label{margin-right:1em;cursor:pointer;padding:.2em .5em;border:1px solid #bbb;border-radius:4px}
+.picker input{margin-right:.2em}
+section.mode{display:none}
+"""
+
+
+def _token_display(text: str, t: TokenTable) -> str:
+    """Escaped token text as it reads in running prose; <eos> becomes a visible line end."""
+    if text == t.eos_text:
+        return "⏎"
+    if t.tokenizer_kind == "sentencepiece":
+        return html.escape(text.replace("▁", " "))
+    return html.escape(text) + " "
+
+
+def _select_articles(t: TokenTable, mode: str | None, cfg: ReportConfig) -> list[int]:
+    k = min(cfg.html_articles, t.n_articles)
+    if cfg.html_select == "gain" and mode is not None:
+        # largest mean per-token improvement first
+        gain = -per_article_rel_change(t, mode)
+        return [int(i) for i in np.argsort(-gain, kind="stable")[:k]]
+    return list(range(k))
+
+
+def _article_html(t: TokenTable, a: int, mode: str | None, cfg: ReportConfig) -> str:
+    s, e = int(t.starts[a]), int(t.starts[a + 1])
+    shown = min(e - s, cfg.html_max_tokens)
+    static = t.nll["static"][s:e]
+    ppl_static = math.exp(float(static.mean()))
+    meta = f"{e - s} tokens, static ppl {ppl_static:.2f}"
+    if mode is not None:
+        ppl_mode = math.exp(float(t.nll[mode][s:e].mean()))
+        meta += f", {html.escape(mode)} ppl {ppl_mode:.2f} ({100 * (ppl_mode / ppl_static - 1):+.1f}%)"
+    if shown < e - s:
+        meta += f"; first {shown} tokens shown"
+    spans = []
+    for i in range(s, s + shown):
+        text = _token_display(t.text[i], t)
+        if mode is None:
+            tip, colour = f"static {t.nll['static'][i]:.3f} nats", improvement_color(0.0, cfg.color_scale)
+        else:
+            d = t.nll["static"][i] - t.nll[mode][i]
+            tip = f"static {t.nll['static'][i]:.3f} · {mode} {t.nll[mode][i]:.3f} nats · Δ {d:+.3f}"
+            colour = improvement_color(d, cfg.color_scale)
+        spans.append(f'<span style="background:{colour}" title="{html.escape(tip, quote=True)}">{text}</span>')
+        if t.text[i] == t.eos_text:
+            spans.append("<br>")
+    return (f'<article><h3>{_letters(a)}. {html.escape(t.titles[a])} '
+            f'<span class="meta">({meta})</span></h3>\n<p class="tokens">{"".join(spans)}</p></article>')
+
+
+def render_heatmap(t: TokenTable, cfg: ReportConfig, path: Path) -> None:
+    modes = t.modes
+    legend = (f'<p class="legend">Each token is coloured by static NLL − mode NLL: '
+              f'<span style="background:{improvement_color(cfg.color_scale, cfg.color_scale)}">blue</span> = '
+              f'the mode predicted it better, <span style="background:{improvement_color(-cfg.color_scale, cfg.color_scale)}">'
+              f'red</span> = worse, white = equal (full colour at ±{cfg.color_scale:g} nats). Hover a token for both '
+              f'NLLs. ⏎ marks a line end.</p>')
+    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+             "<title>dynlm: per-token loss improvement over static</title>", f"<style>{CSS}"]
+    if not modes:
+        parts += ["section.mode{display:block}</style></head><body>",
+                  "<h1>Per-token NLL (static only)</h1>",
+                  "<p><strong>Only the static mode was evaluated: there is nothing to compare against.</strong> "
+                  "Hover a token for its static NLL.</p>",
+                  '<section class="mode">',
+                  *(_article_html(t, a, None, cfg) for a in _select_articles(t, None, cfg)), "</section>"]
+    else:
+        # a mode picker without JavaScript: radio buttons + the :checked sibling selector
+        parts.append("".join(f"#pick-{i}:checked~#mode-{i}{{display:block}}"
+                             f'#pick-{i}:checked~.picker label[for="pick-{i}"]{{background:#dbeafe}}'
+                             for i in range(len(modes))))
+        parts += ["</style></head><body>", "<h1>Per-token loss improvement over static</h1>", legend]
+        parts += [f'<input type="radio" name="mode" id="pick-{i}" hidden{" checked" if i == 0 else ""}>'
+                  for i in range(len(modes))]
+        parts.append('<div class="picker">Mode: ' + "".join(
+            f'<label for="pick-{i}">{html.escape(m)}</label>' for i, m in enumerate(modes)) + "</div>")
+        for i, mode in enumerate(modes):
+            parts.append(f'<section class="mode" id="mode-{i}"><h2>{html.escape(mode)} vs static</h2>')
+            parts += [_article_html(t, a, mode, cfg) for a in _select_articles(t, mode, cfg)]
+            parts.append("</section>")
+    parts.append("</body></html>\n")
+    path.write_text("\n".join(parts), encoding="utf-8")
+
+
+# --- entry points --------------------------------------------------------------------------------
+
+def check_config(cfg: ReportConfig) -> None:
+    positive = ["bin_width", "stream_articles", "smooth_window", "html_max_tokens"]
+    bad = [f"report.{k}={getattr(cfg, k)!r}" for k in positive if getattr(cfg, k) < 1]
+    if cfg.html_articles < 0:
+        bad.append(f"report.html_articles={cfg.html_articles!r}")
+    if not cfg.color_scale > 0:
+        bad.append(f"report.color_scale={cfg.color_scale!r}")
+    if bad:
+        raise ConfigError(f"invalid report setting(s) {bad}: counts must be >= 1 "
+                          f"(html_articles >= 0) and color_scale > 0")
+    if cfg.html_select not in ("first", "gain"):
+        raise ConfigError(f"report.html_select={cfg.html_select!r}; expected first or gain")
+
+
+def write_curve_csv(curve: dict, path: Path) -> None:
+    modes = list(curve["improvement"])
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["bin_start", "bin_end", "n_tokens", "n_articles", *modes])
+        for k, start in enumerate(curve["bin_start"]):
+            w.writerow([start, start + curve["bin_width"], curve["n_tokens"][k], curve["n_articles"][k],
+                        *(curve["improvement"][m][k] for m in modes)])
+
+
+def render_report(eval_dir: Path, cfg: ReportConfig | None = None) -> Report:
+    """Write the report files into `eval_dir`; return what was written (for the trackers)."""
+    cfg = cfg or ReportConfig()
+    check_config(cfg)
+    eval_dir = Path(eval_dir)
+    t = load_tokens(eval_dir)
+    report = Report(eval_dir, t.modes, per_article=per_article_results(eval_dir, t))
+    report.files["heatmap"] = eval_dir / "heatmap.html"
+    render_heatmap(t, cfg, report.files["heatmap"])
+    if not t.modes:
+        report.message = (f"only 'static' in {eval_dir / 'tokens.parquet'}: nothing to compare against; "
+                          f"wrote heatmap.html with the static NLLs, no improvement plots")
+        return report
+    report.curve = improvement_by_position(t, cfg.bin_width)
+    report.files["curve"] = eval_dir / "improvement_by_position.csv"
+    write_curve_csv(report.curve, report.files["curve"])
+    for name, draw in (("improvement", lambda p: plot_improvement(report.curve, p)),
+                       ("stream", lambda p: plot_stream(t, cfg.stream_articles, cfg.smooth_window, p)),
+                       ("histogram", lambda p: plot_histogram(t, p))):
+        report.files[name] = eval_dir / f"{name}.png"
+        draw(report.files[name])
+    report.message = f"report for {', '.join(t.modes)} vs static over {t.n_articles} articles"
+    return report
+
+
+def log_report(tracker, report: Report) -> None:
+    """The evaluation dashboard: per-article table, improvement curve, heat-map and figures."""
+    columns, rows = report.per_article
+    if rows:
+        tracker.log_table("eval/per_article", columns, rows)
+    if report.curve is not None:
+        c = report.curve
+        xs = [s + c["bin_width"] / 2 for s in c["bin_start"]]
+        tracker.log_line_plot("eval/improvement_vs_position", xs, c["improvement"], xname="position in article",
+                              title="static NLL - mode NLL (nats/token) vs position")
+    if "heatmap" in report.files:
+        tracker.log_html("eval/heatmap", report.files["heatmap"])
+    for name in ("improvement", "stream", "histogram"):
+        if name in report.files:
+            tracker.log_image(f"eval/{name}", report.files[name])

@@ -1,0 +1,194 @@
+"""`dynlm experiment`: every experiment's configs at both scales, the paper-scale model at its real
+sizes, the runner's plan, and a tiny synthetic experiment run end to end, re-run and shared."""
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY
+from dynlm.cli import main
+from dynlm.config import load_config
+from dynlm.data.articles import Article
+from dynlm.data.streams import StreamLayout
+from dynlm.experiments import README_BEGIN, README_END, experiment_configs
+from dynlm.experiments_registry import BASELINES, BASES, EXPERIMENTS, EXPERIMENTS_DIR, META_FILES, SCALES, at_scale
+from dynlm.model import LSTMLM
+from dynlm.rules import adapted_names, make_rule
+from dynlm.unroll import chunk_step, start_reader
+
+WT103_VOCAB = 267_735  # WikiText-103's word vocabulary: the embedding and softmax size at paper scale
+
+
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("name", list(EXPERIMENTS))
+def test_every_experiment_config_loads_and_validates(name, scale):
+    exp = EXPERIMENTS[name]
+    configs = experiment_configs(exp, scale)  # loads every file, checks choices/ranges of every stage
+    assert set(exp.modes) & set(BASELINES) <= set(exp.tune), "an untuned baseline is no comparison"
+    for ac in configs.arms:
+        cfg = ac.cfg
+        assert all(f.is_file() for f in ac.files)
+        if scale == "paper":
+            m = cfg.model
+            assert (m.n_layers, m.emb_size, m.hidden_size, m.softmax) == (3, 400, 1150, "full")
+            assert (cfg.data.source, cfg.data.hub_config, cfg.train.bf16) == ("hub", "wikitext-103-v1", True)
+            if exp.learner:  # long unrolls, memory kept flat by checkpointing the chunk steps
+                assert cfg.meta.checkpoint and (cfg.meta.unroll >= 16 or name == "ablate-unroll")
+        else:
+            assert cfg.data.path.endswith("wikitext-2")
+            if name.startswith("ablate-"):  # short budgets, a subset of the validation articles
+                assert 0 < cfg.meta.max_minutes <= 10 and cfg.eval.max_articles > 0
+        assert all(0 <= l < cfg.model.n_layers for l in cfg.rule.layers)
+        assert (cfg.data.tokenizer == "sentencepiece") == name.endswith("-sp")
+        if exp.learner:  # one base model for static, the baselines and learned
+            assert cfg.meta.theta0_lr == 0 and cfg.meta.static_lr == 0
+    if name == "3-level":
+        ewc, plain = (ac.cfg.meta for ac in configs.arms)
+        assert ewc.boundary == plain.boundary == "continuous" and ewc.ewc_lambda > 0 == plain.ewc_lambda
+    if name == "ablate-layers":
+        assert [ac.cfg.rule.layers for ac in configs.arms] == [[], [0], [configs.static.model.n_layers - 1]]
+        assert configs.static.model.n_layers >= 2
+
+
+def test_every_experiment_file_exists_and_holds_overrides_only():
+    used = {f for scales in BASES.values() for files in scales.values() for f in files}
+    used |= {f for files in META_FILES.values() for f in files}
+    for exp in EXPERIMENTS.values():
+        for scale in SCALES:
+            used |= set(at_scale(exp.files, scale)) | {f for arm in exp.arms for f in at_scale(arm.files, scale)}
+    on_disk = {p.name for p in EXPERIMENTS_DIR.glob("*.yaml")}
+    assert used <= on_disk, used - on_disk
+    for name in sorted(on_disk):
+        load_config([EXPERIMENTS_DIR / name])  # known keys and types only; defaults come from config.py
+
+
+def test_paper_scale_model_builds_at_its_real_sizes_on_the_meta_device():
+    cfg = experiment_configs(EXPERIMENTS["2-level"], "paper").arms[0].cfg
+    lm = LSTMLM(cfg.model, WT103_VOCAB)
+    with torch.device("meta"):
+        params = lm.init_params(device="meta")
+    assert params["embed"].shape == (WT103_VOCAB, 400) and params["proj"].shape == (400, 1150)  # tied via proj
+    assert params["lstm.0.w_ih"].shape == (4 * 1150, 400) and params["lstm.2.w_hh"].shape == (4 * 1150, 1150)
+    assert 130e6 < sum(p.numel() for p in params.values()) < 140e6
+    tokens = torch.zeros(2, 3, dtype=torch.long, device="meta")
+    out, _ = lm.hidden(params, tokens, lm.init_state(2, device="meta"))
+    assert lm.nll(params, out, tokens).shape == (2, 3)
+
+
+def test_paper_scale_model_takes_a_training_step_and_a_meta_step_on_cpu():
+    """Real layer sizes, a 50-word vocabulary, B=1, T=3: the loops' own pieces, in seconds."""
+    cfg = experiment_configs(EXPERIMENTS["2-level"], "paper").arms[0].cfg
+    cfg.rule.compile = False  # a one-off compile costs more than this whole test
+    lm = LSTMLM(cfg.model, 50)
+    params = {k: v.requires_grad_() for k, v in lm.init_params(seed=0).items()}
+    tokens = torch.randint(1, 50, (1, 7), generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.AdamW(params.values(), lr=cfg.train.lr)
+    out, _ = lm.hidden(params, tokens[:, :3], lm.init_state(1), train=True)
+    loss = lm.nll(params, out, tokens[:, 1:4]).mean()
+    loss.backward()
+    opt.step()
+    assert math.isfinite(loss.item()) and all(torch.isfinite(p).all() for p in params.values())
+
+    weights = {k: v.detach() for k, v in params.items()}
+    # the top layer only (10.6M weights): the un-compiled update of all three layers peaks at ~10 GB here
+    cfg.rule.layers = [cfg.model.n_layers - 1]
+    names = adapted_names(lm, cfg.rule, "learned", weights)
+    theta0 = {k: weights[k] for k in names}
+    rule = make_rule("learned", cfg.rule, names)
+    reader = start_reader(lm, theta0, rule, names, 1, "cpu")
+    layout = StreamLayout([Article("a", "a", tokens[0].numpy().astype(np.int32), 7)], 1, 3, eos_id=0)
+    meta_loss = 0.0
+    for c in range(2):  # K=2: the learner's first update only shows in the second chunk's loss
+        nll, reader, _ = chunk_step(lm, weights, theta0, rule, reader, layout.chunk(c), meta=True,
+                                    second_order=cfg.meta.second_order, checkpoint=cfg.meta.checkpoint)
+        meta_loss = meta_loss + nll.sum()
+    meta_loss.backward()
+    grads = [p.grad for p in rule.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
+def tiny_experiment_args(tmp_path) -> list[str]:
+    """The CPU-scale experiment files over the synthetic corpus, at the test suite's tiny sizes."""
+    return ["--runs", str(tmp_path / "runs"), "--results-file", str(tmp_path / "RESULTS.md"),
+            "--readme", str(tmp_path / "README.md"), "--data.source=synthetic",
+            *[f"--{o}" for o in TINY], f"--data.cache_dir={tmp_path / 'cache'}",
+            "--meta.steps=2", "--meta.max_minutes=0", "--meta.unroll=2", "--meta.chunk=5", "--meta.batch_size=2",
+            "--meta.log_every=1", "--meta.checkpoint_every=1", "--meta.valid_articles=2", "--rule.compile=false", "--rule.grad_rms_chunks=3",
+            "--tune.articles=2", "--tune.sgd_lr=[0.005,0.01]", "--tune.dyneval_lr=[5e-5,1e-4]",
+            "--tune.dyneval_lamb=[2e-3]", "--tune.cache_theta=[0.3]", "--tune.cache_lambda=[0.01,0.02]",
+            "--tune.max_extensions=1"]
+
+
+def test_dry_run_lists_the_stages_and_runs_nothing(tmp_path, capsys):
+    args = tiny_experiment_args(tmp_path)
+    assert main(["experiment", "2-level", "--dry-run", *args]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"1\. prepare.*2\. train.*3\. metatrain.*4\. tune.*5\. evaluate.*6\. report", out, re.S)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "RESULTS.md").exists()
+    assert main(["experiment", "3-level", "--scale", "paper", "--dry-run", "--runs", str(tmp_path / "runs")]) == 0
+    out = capsys.readouterr().out
+    assert "metatrain arm ewc" in out and "metatrain arm no-ewc" in out and "WikiText-103" in out
+
+
+def test_unknown_experiment_or_bad_override_is_a_clear_error(tmp_path, capsys):
+    assert main(["experiment", "4-level", "--runs", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown experiment '4-level'" in err and "1-level, baselines, 2-level" in err
+    assert main(["experiment", "2-level", "--dry-run", "--runs", str(tmp_path), "--meta.nope=1"]) == 2
+    assert "meta.nope" in capsys.readouterr().err
+
+
+def test_tiny_experiment_end_to_end_then_skipped_reproduced_and_shared(tmp_path, capsys):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{README_BEGIN}\nold\n{README_END}\n\nafter\n")
+    args = tiny_experiment_args(tmp_path)
+    assert main(["experiment", "2-level", *args]) == 0
+    capsys.readouterr()
+    eval_dir = tmp_path / "runs" / "experiments" / "cpu" / "2-level" / "main" / "eval_valid"
+    first = json.loads((eval_dir / "summary.json").read_text())["modes"]
+    assert set(first) == {"static", "sgd", "dyneval", "cache", "learned"}
+    results = (tmp_path / "RESULTS.md").read_text()
+    row = next(l for l in results.splitlines() if l.startswith("| 2-level | main |"))
+    assert f"{first['learned']['ppl']:.2f}" in row and f"{first['dyneval']['ppl']:.2f}" in row
+    assert "dynlm experiment 2-level --scale cpu" in results and "2-level goal" in results
+    assert "| 2-level | main |" in readme.read_text() and "after" in readme.read_text()
+    assert "old" not in readme.read_text() and "65.8" in readme.read_text()  # published numbers, labelled
+
+    # again: every stage is found done, nothing is recomputed, the table is the same
+    assert main(["experiment", "2-level", *args]) == 0
+    out = capsys.readouterr().out
+    for stage in ("prepare", "train", "metatrain", "tune", "evaluate"):
+        assert f"[2-level] {stage}: skipped" in out
+    assert (tmp_path / "RESULTS.md").read_text() == results
+
+    # an evaluation redone from the same checkpoint reproduces its numbers
+    assert main(["experiment", "2-level", "--redo", "evaluate", *args]) == 0
+    out = capsys.readouterr().out
+    assert "[2-level] metatrain: skipped" in out and "reproduced the previous perplexities exactly" in out
+    again = json.loads((eval_dir / "summary.json").read_text())["modes"]
+    assert {m: v["ppl"] for m, v in again.items()} == {m: v["ppl"] for m, v in first.items()}
+
+    # an interrupted meta-training (only its step-1 checkpoint left) is resumed, to the same weights
+    meta_ckpts = next((tmp_path / "runs" / "experiments" / "cpu" / "meta").glob("*/checkpoints"))
+    for name in ("ckpt_step00000002.pt", "last.pt", "best.pt"):
+        (meta_ckpts / name).unlink()
+    assert main(["experiment", "2-level", *args]) == 0
+    out = capsys.readouterr().out
+    assert f"resume {meta_ckpts.parent} (step 1" in out and "[2-level] evaluate: skipped" in out
+
+    # another experiment on the same base shares its checkpoint and tuning (and so its baseline numbers)
+    assert main(["experiment", "baselines", *args]) == 0
+    out = capsys.readouterr().out
+    assert "[baselines] train: skipped, reusing" in out and "[baselines] tune: skipped" in out
+    shared = json.loads((eval_dir.parents[2] / "baselines" / "main" / "eval_valid" / "summary.json").read_text())
+    assert {m: shared["modes"][m]["ppl"] for m in ("static", *BASELINES)} == pytest.approx(
+        {m: first[m]["ppl"] for m in ("static", *BASELINES)}, rel=1e-6)
+
+    # the tables are a function of the run directories alone
+    (tmp_path / "RESULTS.md").unlink()
+    assert main(["experiment", "--results", *args[:6]]) == 0
+    regenerated = (tmp_path / "RESULTS.md").read_text()
+    assert "| baselines | main |" in regenerated and row in regenerated

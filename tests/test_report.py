@@ -1,0 +1,262 @@
+"""`dynlm report`: the numbers behind the plots, the HTML heat-map, and clear errors."""
+import csv
+import html
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from dynlm.cli import main
+from dynlm.config import ReportConfig
+from dynlm.report import (BLUE, RED, improvement_by_position, improvement_color, load_tokens, render_report,
+                          trailing_mean)
+
+TRICKY = ["<script>alert(1)</script>", "a&b", '"quoted"', "<eos>"]  # must come out escaped
+
+
+def write_eval_dir(d: Path, lengths=(130, 75, 210), modes=("sgd", "dyneval"), seed=0, titles=None) -> dict:
+    """A hand-made evaluation directory as `dynlm evaluate` writes it: tokens.parquet + per_article.csv."""
+    rng = np.random.default_rng(seed)
+    ids = [f"art-{i}" for i in range(len(lengths))]
+    titles = titles or [f"Title {i}" for i in range(len(lengths))]
+    n = sum(lengths)
+    cols = {"article_id": [a for a, k in zip(ids, lengths) for _ in range(k)],
+            "position": np.concatenate([np.arange(k) for k in lengths]),
+            "token": rng.integers(0, 50, n)}
+    cols["text"] = [TRICKY[i % len(TRICKY)] if i % 7 == 0 else f"w{t}" for i, t in enumerate(cols["token"])]
+    cols["nll_static"] = rng.uniform(1, 8, n)
+    for m in modes:
+        cols[f"nll_{m}"] = cols["nll_static"] - rng.normal(0.3, 1.0, n)
+    d.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(cols, metadata={"dynlm.tokenizer": "word", "dynlm.eos_text": "<eos>"}),
+                   d / "tokens.parquet")
+    with open(d / "per_article.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["mode", "article_id", "title", "n_tokens", "nll_sum", "ppl"])
+        for m in ("static", *modes):
+            for a, title, k in zip(ids, titles, lengths):
+                w.writerow([m, a, title, k, 0.0, 1.0])  # only titles are read from here
+    return cols
+
+
+class Spans(HTMLParser):
+    """(background colour, tooltip, text) of every token span, per mode section."""
+
+    def __init__(self):
+        super().__init__()
+        self.sections: dict[str, list] = {}
+        self._section = self._span = None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "section":
+            self._section = self.sections.setdefault(a.get("id", "static"), [])
+        elif tag == "span" and "title" in a and self._section is not None:
+            self._span = [a["style"].removeprefix("background:"), a["title"], ""]
+            self._section.append(self._span)
+
+    def handle_data(self, data):
+        if self._span is not None:
+            self._span[2] += data
+
+    def handle_endtag(self, tag):
+        if tag == "span":
+            self._span = None
+
+
+def parse_spans(path: Path) -> dict[str, list]:
+    p = Spans()
+    p.feed(path.read_text(encoding="utf-8"))
+    return p.sections
+
+
+def rgb(colour: str) -> tuple[int, int, int]:
+    return tuple(int(colour[i:i + 2], 16) for i in (1, 3, 5))
+
+
+def test_binned_improvement_matches_a_direct_computation(tmp_path):
+    cols = write_eval_dir(tmp_path)
+    width = 40
+    report = render_report(tmp_path, ReportConfig(bin_width=width))
+    # direct: group (static - mode) by position // width over all tokens, with plain python
+    for mode in ("sgd", "dyneval"):
+        groups: dict[int, list] = {}
+        for a, p, s, m in zip(cols["article_id"], cols["position"], cols["nll_static"], cols[f"nll_{mode}"]):
+            groups.setdefault(int(p) // width, []).append((a, s - m))
+        assert report.curve["bin_start"] == [k * width for k in sorted(groups)]
+        expected = [np.mean([d for _, d in groups[k]]) for k in sorted(groups)]
+        np.testing.assert_allclose(report.curve["improvement"][mode], expected, rtol=1e-12)
+        assert report.curve["n_tokens"] == [len(groups[k]) for k in sorted(groups)]
+        assert report.curve["n_articles"] == [len({a for a, _ in groups[k]}) for k in sorted(groups)]
+    # the csv holds the same numbers
+    rows = list(csv.DictReader(open(tmp_path / "improvement_by_position.csv")))
+    np.testing.assert_allclose([float(r["dyneval"]) for r in rows], report.curve["improvement"]["dyneval"])
+
+
+def test_articles_split_on_id_change_and_position_reset(tmp_path):
+    # two consecutive articles that share an id (WikiText has repeated titles) are still two articles
+    d = tmp_path / "e"
+    d.mkdir()
+    pq.write_table(pa.table({"article_id": ["x"] * 5 + ["x"] * 3 + ["y"] * 2,
+                             "position": [0, 1, 2, 3, 4, 0, 1, 2, 0, 1],
+                             "nll_static": np.ones(10), "nll_sgd": np.zeros(10)}), d / "tokens.parquet")
+    t = load_tokens(d)
+    assert t.starts.tolist() == [0, 5, 8, 10] and t.article_ids == ["x", "x", "y"]
+    assert t.text[0] == "?"  # an old file without text/token columns still renders
+
+
+def test_trailing_mean_never_crosses_an_article_start():
+    x = np.array([1.0, 3.0, 5.0, 7.0, 100.0, 200.0])
+    starts = np.array([0, 4, 6])
+    got = trailing_mean(x, starts, window=2)
+    np.testing.assert_allclose(got, [1, 2, 4, 6, 100, 150])
+
+
+def test_report_files_exist_and_are_not_trivial(tmp_path):
+    write_eval_dir(tmp_path)
+    report = render_report(tmp_path, ReportConfig(html_articles=2, stream_articles=3))
+    import matplotlib.image as mpimg
+
+    for name in ("improvement", "stream", "histogram"):
+        path = report.files[name]
+        assert path == tmp_path / f"{name}.png" and path.read_bytes()[:4] == b"\x89PNG"
+        pixels = mpimg.imread(path)
+        assert pixels.shape[0] > 300 and pixels.shape[1] > 600
+        assert pixels[..., :3].std() > 0.05  # something was drawn, not a blank canvas
+    sections = parse_spans(report.files["heatmap"])
+    assert set(sections) == {"mode-0", "mode-1"}  # sgd, dyneval
+    assert len(sections["mode-0"]) == 130 + 75  # every token of the first two articles
+    page = report.files["heatmap"].read_text()
+    assert "Title 0" in page and "Title 1" in page and "Title 2" not in page
+    # self-contained: nothing fetched from anywhere, no scripts
+    assert "<script" not in page and "src=" not in page and "http" not in page and "<link" not in page
+
+
+def test_html_escapes_tokens_and_titles(tmp_path):
+    write_eval_dir(tmp_path, titles=["Fish & <Chips>", "b", "c"])
+    page = render_report(tmp_path, ReportConfig(html_articles=1)).files["heatmap"].read_text()
+    assert "<script>alert" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "a&amp;b" in page and "&quot;quoted&quot;" in page
+    assert "Fish &amp; &lt;Chips&gt;" in page and "<Chips>" not in page
+    texts = [text for _, _, text in parse_spans(tmp_path / "heatmap.html")["mode-0"]]
+    assert "<script>alert(1)</script> " in texts and "a&b " in texts  # unescaped back by the parser
+
+
+def test_token_colours_white_blue_red(tmp_path):
+    assert improvement_color(0.0, 1.0) == "#ffffff"
+    assert rgb(improvement_color(5.0, 1.0)) == BLUE and rgb(improvement_color(-5.0, 1.0)) == RED
+    half = rgb(improvement_color(0.5, 1.0))
+    assert half not in (BLUE, (255, 255, 255)) and all(b <= h <= 255 for b, h in zip(BLUE, half))
+
+    d = tmp_path / "e"
+    d.mkdir()
+    static = np.array([2.0, 2.0, 2.0, 2.0])
+    mode = np.array([2.0, 1.0, 3.5, 2.0])  # equal, better, worse, equal
+    pq.write_table(pa.table({"article_id": ["a"] * 4, "position": np.arange(4), "text": ["eq", "up", "down", "eq2"],
+                             "nll_static": static, "nll_dyn": mode}), d / "tokens.parquet")
+    spans = parse_spans(render_report(d, ReportConfig(color_scale=2.0)).files["heatmap"])["mode-0"]
+    colour = {text.strip(): rgb(c) for c, _, text in spans}
+    assert colour["eq"] == colour["eq2"] == (255, 255, 255)
+    r, g, b = colour["up"]
+    assert b > r and b > g and colour["up"] != (255, 255, 255)  # blue: dynamic better
+    r, g, b = colour["down"]
+    assert r > b and r > g and colour["down"] != (255, 255, 255)  # red: dynamic worse
+    tips = {text.strip(): tip for _, tip, text in spans}
+    assert "static 2.000" in tips["up"] and "dyn 1.000" in tips["up"] and "+1.000" in tips["up"]
+
+
+def test_select_articles_with_largest_gain(tmp_path):
+    d = tmp_path / "e"
+    d.mkdir()
+    gains = [0.1, 0.9, 0.5]  # mean improvement per article
+    n = 6
+    pq.write_table(pa.table({"article_id": [f"a{i}" for i in range(3) for _ in range(n)],
+                             "position": np.tile(np.arange(n), 3), "nll_static": np.full(3 * n, 3.0),
+                             "nll_dyn": np.repeat([3.0 - g for g in gains], n)}), d / "tokens.parquet")
+    page = render_report(d, ReportConfig(html_articles=2, html_select="gain")).files["heatmap"].read_text()
+    assert re.findall(r"<h3>[A-Z]+\. (\S+) ", page) == ["a1", "a2"]
+
+
+def test_static_only_says_there_is_nothing_to_compare(tmp_path, capsys):
+    write_eval_dir(tmp_path, modes=())
+    assert main(["report", "--eval", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "nothing to compare" in out
+    assert not list(tmp_path.glob("*.png"))
+    page = (tmp_path / "heatmap.html").read_text()
+    assert "nothing to compare" in page
+    spans = parse_spans(tmp_path / "heatmap.html")["static"]
+    assert spans and all(c == "#ffffff" and t.startswith("static ") for c, t, _ in spans)
+
+
+def test_report_cli_writes_files_and_takes_overrides(tmp_path, capsys):
+    write_eval_dir(tmp_path)
+    assert main(["report", "--eval", str(tmp_path), "--report.bin_width=100"]) == 0
+    assert "improvement.png" in capsys.readouterr().out
+    rows = list(csv.DictReader(open(tmp_path / "improvement_by_position.csv")))
+    assert [int(r["bin_start"]) for r in rows] == [0, 100, 200]
+
+
+def test_report_bad_input_is_a_clear_error(tmp_path, capsys):
+    assert main(["report", "--eval", str(tmp_path / "nowhere")]) == 2
+    assert "tokens.parquet not found" in capsys.readouterr().err
+    (tmp_path / "tokens.parquet").write_text("not parquet")
+    assert main(["report", "--eval", str(tmp_path)]) == 2
+    assert "not a readable parquet" in capsys.readouterr().err
+    pq.write_table(pa.table({"article_id": ["a"], "position": [0], "nll_sgd": [1.0]}), tmp_path / "tokens.parquet")
+    assert main(["report", "--eval", str(tmp_path)]) == 2
+    assert "nll_static" in capsys.readouterr().err
+    write_eval_dir(tmp_path)
+    assert main(["report", "--eval", str(tmp_path), "--report.html_select=best"]) == 2
+    assert "html_select" in capsys.readouterr().err
+    assert main(["report", "--eval", str(tmp_path), "--report.bin_width=0"]) == 2
+    assert "bin_width" in capsys.readouterr().err
+
+
+def find_chromium() -> str | None:
+    return next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome", "chrome")) if p),
+                None)
+
+
+# Chromium lines that concern the page itself (console messages, JS errors, failed loads); the
+# rest of its stderr is sandbox/dbus/GPU noise of a headless container.
+PAGE_ERRORS = ("CONSOLE", "Uncaught", "ERR_", "Failed to load", "heatmap.html")
+
+
+@pytest.mark.skipif(find_chromium() is None, reason="no chromium binary found (apt-get install chromium)")
+def test_heatmap_renders_in_headless_chromium(tmp_path):
+    write_eval_dir(tmp_path)
+    page = render_report(tmp_path, ReportConfig(html_articles=2)).files["heatmap"]
+    expected = parse_spans(page)
+    proc = subprocess.run(
+        [find_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0",
+         "--user-data-dir=" + str(tmp_path / "profile"), "--dump-dom", page.as_uri()],
+        capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    page_errors = [line for line in proc.stderr.splitlines() if any(s in line for s in PAGE_ERRORS)]
+    assert not page_errors, page_errors
+    # the DOM chromium built holds every token span, with its colour and tooltip, in each section
+    rendered = Spans()
+    rendered.feed(proc.stdout)
+    assert rendered.sections == expected and sum(map(len, expected.values())) == 2 * (130 + 75)
+    assert html.escape("<script>alert(1)</script>") in proc.stdout
+
+
+def test_sentencepiece_pieces_read_as_prose_and_long_articles_are_cut(tmp_path):
+    d = tmp_path / "e"
+    d.mkdir()
+    pieces = ["▁The", "▁cat", "s", "▁sat", "</s>"] * 4
+    pq.write_table(pa.table({"article_id": ["a"] * 20, "position": np.arange(20), "text": pieces,
+                             "nll_static": np.ones(20), "nll_dyn": np.ones(20)},
+                            metadata={"dynlm.tokenizer": "sentencepiece", "dynlm.eos_text": "</s>"}),
+                   d / "tokens.parquet")
+    path = render_report(d, ReportConfig(html_max_tokens=7)).files["heatmap"]
+    texts = [text for _, _, text in parse_spans(path)["mode-0"]]
+    assert texts == [" The", " cat", "s", " sat", "⏎", " The", " cat"]  # '▁' is a space; </s> a line end
+    assert "first 7 tokens shown" in path.read_text()

@@ -1,0 +1,141 @@
+"""`dynlm tune`: grid search with edge extension, RUN/tuned.yaml, and `evaluate` picking it up."""
+import json
+import math
+import shutil
+
+import pytest
+import yaml
+
+from conftest import TINY
+from dynlm.cli import main
+from dynlm.config import load_config
+from dynlm.tune import extend, grid_search, initial_grid
+
+# small grids (given at segment length 5; TINY evaluates at 10, so per-update rates double)
+SMALL_GRIDS = ["tune.sgd_lr=[0.005,0.01]", "tune.dyneval_lr=[5e-5,1e-4]", "tune.dyneval_lamb=[2e-3]",
+               "tune.cache_theta=[0.3]", "tune.cache_lambda=[0.01,0.02]", "tune.max_extensions=1",
+               "rule.grad_rms_chunks=3"]
+
+
+def log10_bowl(center: dict):
+    calls = []
+
+    def f(point):
+        calls.append(point)
+        return sum((math.log10(v) - math.log10(center[a])) ** 2 for a, v in point.items())
+    return f, calls
+
+
+def test_grid_search_extends_towards_an_optimum_beyond_the_edge():
+    f, calls = log10_bowl({"lr": 1e-3})
+    best, values, grids = grid_search({"lr": [1e-5, 2e-5, 4e-5]}, f, max_extensions=10)
+    # doubling steps: 8e-5, ..., 1.28e-3 is the closest to 1e-3, and 2.56e-3 shows it is interior
+    assert best == {"lr": pytest.approx(1.28e-3)} and grids["lr"][-1] == pytest.approx(2.56e-3)
+    assert len(calls) == len(values) == len(grids["lr"]) == 3 + 6  # nothing evaluated twice
+    # downwards too, and only as many steps as allowed
+    f, _ = log10_bowl({"lr": 1e-9})
+    best, _, grids = grid_search({"lr": [1e-5, 2e-5, 4e-5]}, f, max_extensions=2)
+    assert grids["lr"] == pytest.approx([2.5e-6, 5e-6, 1e-5, 2e-5, 4e-5]) and best == {"lr": pytest.approx(2.5e-6)}
+
+
+def test_grid_search_keeps_an_interior_optimum_and_extends_2d_rows():
+    f, calls = log10_bowl({"lr": 2e-5, "lamb": 1e-2})
+    best, values, grids = grid_search({"lr": [1e-5, 2e-5, 4e-5], "lamb": [1e-3, 2e-3]}, f, max_extensions=1)
+    assert grids["lr"] == [1e-5, 2e-5, 4e-5]  # interior: left alone
+    assert grids["lamb"] == [1e-3, 2e-3, 4e-3]  # on the edge: one step, evaluated against every lr
+    assert len(values) == 9 and best == {"lr": 2e-5, "lamb": 4e-3}
+
+
+def test_extension_stops_at_bounds_and_single_values():
+    assert extend([0.3, 0.6], 0.6, "cache_lambda") is None  # 1.2 would leave [0, 1)
+    assert extend([0.2, 0.4], 0.4, "cache_lambda") == 0.8
+    assert extend([0.5], 0.5, "cache_theta") is None  # a one-value grid is a fixed value
+    assert extend([1.0, 2.0, 4.0], 2.0, "sgd_lr") is None
+
+
+def test_per_update_rates_scale_with_the_segment_length():
+    cfg = load_config([], ["eval.segment_length=35"])
+    assert initial_grid(cfg, "dyneval_lr") == pytest.approx([7 * v for v in cfg.tune.dyneval_lr])
+    assert initial_grid(cfg, "dyneval_lamb") == pytest.approx([7 * v for v in cfg.tune.dyneval_lamb])
+    assert initial_grid(cfg, "cache_theta") == cfg.tune.cache_theta  # not a per-update rate
+
+
+@pytest.fixture(scope="module")
+def tuned_run(tmp_path_factory):
+    """A tiny trained run, tuned on all 3 validation articles with small grids."""
+    tmp = tmp_path_factory.mktemp("tune")
+    overrides = [f"--{o}" for o in TINY + [f"data.cache_dir={tmp / 'cache'}"]]
+    run = tmp / "run"
+    assert main(["train", "--out", str(run), *overrides]) == 0
+    ckpt = run / "checkpoints" / "best.pt"
+    assert main(["tune", "--checkpoint", str(ckpt), "--articles", "3", *[f"--{o}" for o in SMALL_GRIDS]]) == 0
+    return run, ckpt, tmp / "cache"
+
+
+def evaluate(ckpt, out, cache, *extra):
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--split", "valid", "--modes", "static,sgd,dyneval,cache",
+                 "--out", str(out), f"--data.cache_dir={cache}", "--rule.grad_rms_chunks=3", *extra]) == 0
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_tune_writes_the_best_grid_values(tuned_run):
+    run, _, _ = tuned_run
+    tuned = yaml.safe_load((run / "tuned.yaml").read_text())["rule"]
+    info = json.loads((run / "tune" / "tune.json").read_text())
+    for mode, axes in {"sgd": ["sgd_lr"], "dyneval": ["dyneval_lr", "dyneval_lamb"],
+                       "cache": ["cache_theta", "cache_lambda"]}.items():
+        rows = [r for r in info["grid"] if r["mode"] == mode]
+        best = min(rows, key=lambda r: r["ppl"])
+        assert best["best"] and sum(r["best"] for r in rows) == 1
+        assert best["values"] == ", ".join(f"{a}={tuned[a]:g}" for a in axes)
+    assert tuned["sgd_lr"] in (0.01, 0.02, 0.04)  # the grid at segment length 10, or its one extension
+    # the cache helps a lot on these articles: lambda sits on the top edge, so the grid grew to 0.04
+    assert info["extended"]["cache"]["cache_lambda"] == [0.04] and tuned["cache_lambda"] == 0.04
+    assert info["extended"]["cache"]["cache_theta"] == []  # a single value is never extended
+    logged = [json.loads(l) for l in (run / "tune" / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1]["tune/best_ppl/cache"] == pytest.approx(min(r["ppl"] for r in info["grid"] if r["mode"] == "cache"))
+
+
+def test_evaluate_uses_tuned_values_and_explicit_overrides_win(tuned_run, tmp_path, capsys):
+    run, ckpt, cache = tuned_run
+    tuned = yaml.safe_load((run / "tuned.yaml").read_text())["rule"]
+    info = json.loads((run / "tune" / "tune.json").read_text())
+    summary = evaluate(ckpt, tmp_path / "auto", cache)
+    assert "using tuned baseline values" in capsys.readouterr().out
+    assert summary["tuned"]["values"] == {f"rule.{k}": v for k, v in tuned.items()}
+    modes = summary["modes"]
+    for mode in ("sgd", "dyneval", "cache"):  # the same 3 articles as the tuning slice: the same numbers
+        best = min(r["ppl"] for r in info["grid"] if r["mode"] == mode)
+        assert modes[mode]["ppl"] == pytest.approx(best, rel=1e-6)
+    assert modes["cache"]["ppl"] <= modes["static"]["ppl"]  # the tuned cache is not worse than static
+    # the same values passed explicitly, without the file, give the same numbers
+    explicit = evaluate(ckpt, tmp_path / "explicit", cache, "--ignore-tuned", *[f"--rule.{k}={v}" for k, v in tuned.items()])
+    assert "tuned" not in explicit
+    for mode in modes:
+        assert explicit["modes"][mode]["ppl"] == pytest.approx(modes[mode]["ppl"], rel=1e-9)
+    # a command-line value beats the file: lambda = 0 is the static model again
+    off = evaluate(ckpt, tmp_path / "off", cache, "--rule.cache_lambda=0")
+    assert off["modes"]["cache"]["ppl"] == off["modes"]["static"]["ppl"]
+    assert off["tuned"]["overridden"] == ["rule.cache_lambda"] and off["tuned"]["effective"]["rule.cache_lambda"] == 0
+
+
+def test_tune_bad_input_is_a_clear_error(tuned_run, tmp_path, capsys):
+    _, ckpt, cache = tuned_run
+    assert main(["tune", "--checkpoint", str(ckpt), "--modes", "cache,static", f"--data.cache_dir={cache}"]) == 2
+    assert "unknown mode" in capsys.readouterr().err
+    assert main(["tune", "--checkpoint", str(tmp_path / "missing.pt")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main(["tune", "--checkpoint", str(ckpt), "--modes", "cache", "--tune.cache_lambda=[]"]) == 2
+    assert "tune.cache_lambda" in capsys.readouterr().err
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--modes", "cache", "--rule.cache_lambda=1.5"]) == 2
+    assert "cache_lambda" in capsys.readouterr().err
+
+
+def test_malformed_tuned_file_is_a_clear_error(tuned_run, tmp_path, capsys):
+    run, ckpt, cache = tuned_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "tuned.yaml").write_text("rule:\n  no_such_key: 1\n")
+    assert main(["evaluate", "--checkpoint", str(copy / "checkpoints" / "best.pt"), "--out", str(tmp_path / "e"),
+                 f"--data.cache_dir={cache}"]) == 2
+    assert "no_such_key" in capsys.readouterr().err
