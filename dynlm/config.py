@@ -36,6 +36,7 @@ class DataConfig:
     sp_model_type: str = "unigram"  # unigram | bpe
     cache_dir: str = ".cache/dynlm"  # tokenized-corpus cache
     max_articles: int = 0  # 0 = all articles of a split
+    meta_articles: int = 0  # the last N training articles: meta-training only, not static training (0 = shared)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 

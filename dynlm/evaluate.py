@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from .cache import CacheSettings, cache_step, clear_rows, empty_cache
@@ -34,10 +35,22 @@ class TokenScores:
     token: np.ndarray  # (N,) target token id
     nll: np.ndarray  # (N,) float64 negative log-likelihood in nats
     seconds: float = 0.0
+    drift: np.ndarray | None = None  # (C, 3): tokens read, mean and max over streams of the relative weight drift
 
     def sorted(self) -> "TokenScores":
         order = np.lexsort((self.position, self.article))
-        return TokenScores(self.article[order], self.position[order], self.token[order], self.nll[order], self.seconds)
+        return TokenScores(self.article[order], self.position[order], self.token[order], self.nll[order], self.seconds,
+                           self.drift)
+
+
+DRIFT_EVERY = 10  # chunks between drift measurements (one extra pass over the fast weights each)
+
+
+def relative_drift(fast: Params, theta0: Params) -> Tensor:
+    """||theta - theta0|| / ||theta0|| over all adapted weights, per stream: (B,)."""
+    num = sum((w - theta0[k]).pow(2).flatten(1).sum(1) for k, w in fast.items())
+    den = sum(theta0[k].pow(2).sum() for k in fast)
+    return (num / den).sqrt()
 
 
 def score(
@@ -54,8 +67,9 @@ def score(
     dtype = next(iter(theta0.values())).dtype
     memory = empty_cache(layout.n_streams, cache.window, lm.sizes[-1], device, dtype) if cache else None
     cols: list[list[np.ndarray]] = [[], [], [], []]
+    drift, tokens_read = [], 0
     start = time.perf_counter()
-    for chunk in tqdm(layout, desc=desc, leave=False, mininterval=2):
+    for i, chunk in enumerate(tqdm(layout, desc=desc, leave=False, mininterval=2)):
         chunk = chunk.to(device)
         if boundary == "reset":
             reader = reset_streams(reader, theta0, rule, chunk.new_article)
@@ -69,7 +83,13 @@ def score(
         m = chunk.mask
         for col, t in zip(cols, (chunk.article[m], chunk.position[m], chunk.targets[m], nll[m].double())):
             col.append(t.cpu().numpy())
-    scores = TokenScores(*(np.concatenate(c) for c in cols), seconds=time.perf_counter() - start)
+        tokens_read += int(m.sum())
+        if reader.fast and (i % DRIFT_EVERY == 0 or i == len(layout) - 1):  # can the weights run away?
+            d = relative_drift(reader.fast, theta0)[m.any(1)]
+            if len(d):
+                drift.append((tokens_read, float(d.mean()), float(d.max())))
+    scores = TokenScores(*(np.concatenate(c) for c in cols), seconds=time.perf_counter() - start,
+                         drift=np.array(drift) if drift else None)
     expected = sum(len(a) for a in articles)
     assert len(scores.nll) == expected, f"scored {len(scores.nll)} tokens, expected {expected}"
     return scores.sorted()
@@ -99,6 +119,8 @@ def summarize(results: dict[str, TokenScores], articles: list[Article], per_word
         modes[mode] = {"ppl": perplexity(total, n_tokens), "nll_per_token": total / n_tokens,
                        "n_tokens": n_tokens, "n_articles": len(articles),
                        "tokens_per_s": n_tokens / s.seconds if s.seconds else None}
+        if s.drift is not None:  # relative weight drift ||theta - theta0|| / ||theta0||: bounded or not
+            modes[mode]["weight_drift"] = {"final_mean": float(s.drift[-1, 1]), "max": float(s.drift[:, 2].max())}
         if per_word:
             modes[mode]["word_ppl"] = perplexity(total, sum(a.n_words for a in articles))
     if "static" in modes:
@@ -130,6 +152,13 @@ def write_results(out_dir: Path, results: dict[str, TokenScores], articles: list
         metadata = {"dynlm.tokenizer": tokenizer.kind, "dynlm.eos_text": tokenizer.id_to_token(tokenizer.eos_id)}
     table.update({f"nll_{mode}": s.nll for mode, s in results.items()})
     pq.write_table(pa.table(table, metadata=metadata), out_dir / "tokens.parquet")
+    drift = [(mode, int(t), mean, top) for mode, s in results.items() if s.drift is not None
+             for t, mean, top in s.drift.tolist()]
+    if drift:  # the weight-drift trajectory of each adaptive mode, for the report
+        with open(out_dir / "drift.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["mode", "tokens_read", "drift_mean", "drift_max"])
+            w.writerows(drift)
     return summary
 
 

@@ -8,6 +8,8 @@ Renders from DIR/tokens.parquet (and per_article.csv for titles) written by `dyn
 - stream.png           instantaneous perplexity gain (static ppl - mode ppl, trailing moving average
                        within each article) along consecutive articles A, B, C, ... with boundaries
 - histogram.png        per-article relative perplexity change vs static, per mode
+- drift.png            relative weight drift ||theta - theta0|| / ||theta0|| of each adaptive mode
+                       against tokens read (from drift.csv): does online adaptation stay bounded?
 - heatmap.html         selected articles, every token coloured by its improvement (blue: mode better,
                        red: worse, white: equal; tooltip with both NLLs); self-contained, no JS
 
@@ -275,6 +277,22 @@ def plot_histogram(t: TokenTable, path: Path) -> None:
     fig.savefig(path)
 
 
+def plot_drift(drift_csv: Path, path: Path) -> None:
+    rows = list(csv.DictReader(open(drift_csv)))
+    fig = Figure(figsize=(8, 4.5), dpi=110)
+    ax = fig.add_subplot()
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        xs = [int(r["tokens_read"]) for r in rows if r["mode"] == mode]
+        ax.plot(xs, [float(r["drift_mean"]) for r in rows if r["mode"] == mode], label=f"{mode} (mean over streams)")
+        ax.plot(xs, [float(r["drift_max"]) for r in rows if r["mode"] == mode], linestyle=":", label=f"{mode} (max)")
+    ax.set_xlabel("tokens read")
+    ax.set_ylabel("||theta - theta0|| / ||theta0||")
+    ax.set_title("Weight drift of the adapted LSTM weights while reading")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+
+
 # --- HTML heat-map -------------------------------------------------------------------------------
 
 CSS = """
@@ -415,6 +433,9 @@ def render_report(eval_dir: Path, cfg: ReportConfig | None = None) -> Report:
                        ("histogram", lambda p: plot_histogram(t, p))):
         report.files[name] = eval_dir / f"{name}.png"
         draw(report.files[name])
+    if (eval_dir / "drift.csv").exists():
+        report.files["drift"] = eval_dir / "drift.png"
+        plot_drift(eval_dir / "drift.csv", report.files["drift"])
     report.message = f"report for {', '.join(t.modes)} vs static over {t.n_articles} articles"
     return report
 
@@ -431,6 +452,6 @@ def log_report(tracker, report: Report) -> None:
                               title="static NLL - mode NLL (nats/token) vs position")
     if "heatmap" in report.files:
         tracker.log_html("eval/heatmap", report.files["heatmap"])
-    for name in ("improvement", "stream", "histogram"):
+    for name in ("improvement", "stream", "histogram", "drift"):
         if name in report.files:
             tracker.log_image(f"eval/{name}", report.files[name])

@@ -32,7 +32,8 @@ class Reader:
 
 
 def start_reader(lm: LSTMLM, theta0: Params, rule: Rule, names: list[str], batch: int, device) -> Reader:
-    fast = {k: theta0[k].expand(batch, *theta0[k].shape) for k in names} if rule.adapts else {}
+    # materialised (not a stride-0 expand): every later update is a dense tensor of the same layout
+    fast = {k: theta0[k].detach().expand(batch, *theta0[k].shape).clone() for k in names} if rule.adapts else {}
     dtype = next(iter(theta0.values())).dtype
     return Reader(lm.init_state(batch, device=device, dtype=dtype), fast, rule.init_state(fast) if fast else {})
 
@@ -64,16 +65,33 @@ def chunk_step(lm: LSTMLM, params: Params, theta0: Params, rule: Rule, reader: R
     """Score `chunk` with the current weights, then let the rule update them.
 
     Returns nll (B, T), the new reader, and stats (the rule's gate means, and "out": the top-layer
-    outputs (B, T, H), detached, for the neural cache). checkpoint (meta only): keep nothing of the
-    step for the backward pass but its inputs and recompute it then, so memory does not grow with
-    the unroll length (the paper's "hidden-state memorization")."""
-    if checkpoint and meta:
-        return torch.utils.checkpoint.checkpoint(_chunk_step, lm, params, theta0, rule, reader, chunk, meta,
-                                                 second_order, use_reentrant=False)
-    return _chunk_step(lm, params, theta0, rule, reader, chunk, meta, second_order)
+    outputs (B, T, H), detached, for the neural cache). checkpoint (first-order meta-training):
+    keep nothing of the step for the backward pass but its inputs and recompute it then, so memory
+    does not grow with the unroll length (the paper's "hidden-state memorization")."""
+    if not (checkpoint and meta):
+        return _chunk_step(lm, params, theta0, rule, reader, chunk, meta, second_order)
+    if second_order:
+        raise ValueError("gradient checkpointing supports first-order meta-training only: a second-order "
+                         "step differentiates through its own inner gradient, which a checkpoint cannot hold")
+    # The inner gradient is a constant in first order, so it is taken outside the checkpointed region:
+    # an autograd.grad inside it would unpack (recompute and keep) the region's tensors during forward.
+    inner = _inner_gradient(lm, params, reader, chunk) if rule.adapts else None
+    return torch.utils.checkpoint.checkpoint(_chunk_step, lm, params, theta0, rule, reader, chunk, meta, False, inner,
+                                             use_reentrant=False)
 
 
-def _chunk_step(lm, params, theta0, rule, reader, chunk, meta, second_order):
+def _inner_gradient(lm, params, reader, chunk) -> tuple[Params, Tensor]:
+    """Each stream's gradient of its own mean chunk loss w.r.t. its fast weights, off the outer graph."""
+    fast = {k: v.detach().requires_grad_() for k, v in reader.fast.items()}
+    weights = {**{k: v.detach() for k, v in params.items()}, **fast}
+    with torch.enable_grad():
+        out, _ = lm.hidden(weights, chunk.inputs, [(h.detach(), c.detach()) for h, c in reader.hidden])
+        loss = (lm.nll(weights, out, chunk.targets) * chunk.mask).sum(1) / chunk.mask.sum(1).clamp(min=1)  # (B,)
+        grads = torch.autograd.grad(loss.sum(), list(fast.values()))
+    return dict(zip(fast, grads)), loss.detach()
+
+
+def _chunk_step(lm, params, theta0, rule, reader, chunk, meta, second_order, inner=None):
     if not meta or any(not v.requires_grad for v in reader.fast.values()):
         # evaluation, or just after truncation: the weights are constants we differentiate at
         reader = Reader(reader.hidden, {k: v if meta and v.requires_grad else v.detach().requires_grad_()
@@ -84,13 +102,16 @@ def _chunk_step(lm, params, theta0, rule, reader, chunk, meta, second_order):
         nll = lm.nll(weights, out, chunk.targets) * chunk.mask  # (B, T)
         if not rule.adapts:
             return nll, Reader(hidden, reader.fast, reader.rule_state), {"out": out.detach()}
-        n = chunk.mask.sum(1).clamp(min=1)  # (B,)
-        loss = nll.sum(1) / n  # (B,) each stream's own mean: its gradient is that stream's
-        grads = torch.autograd.grad(loss.sum(), list(reader.fast.values()), retain_graph=meta,
-                                    create_graph=meta and second_order)
-    # first order: the learner sees the gradient as a constant input (the paper's choice)
-    grads = {k: g if second_order else g.detach() for k, g in zip(reader.fast, grads)}
-    fast, rule_state, stats = rule.update(reader.fast, grads, theta0, reader.rule_state, loss.detach())
+        if inner is None:
+            loss = nll.sum(1) / chunk.mask.sum(1).clamp(min=1)  # (B,) each stream's own mean: its gradient is that stream's
+            grads = torch.autograd.grad(loss.sum(), list(reader.fast.values()), retain_graph=meta,
+                                        create_graph=meta and second_order)
+            # first order: the learner sees the gradient as a constant input (the paper's choice)
+            grads = {k: g if second_order else g.detach() for k, g in zip(reader.fast, grads)}
+            loss = loss.detach()
+        else:
+            grads, loss = inner
+    fast, rule_state, stats = rule.update(reader.fast, grads, theta0, reader.rule_state, loss)
     active = chunk.mask.any(1)  # (B,)
     if not bool(active.all()):  # padding rows (streams that have run out) must not move
         fast = {k: torch.where(active.view(-1, *([1] * (w.dim() - 1))), w, reader.fast[k]) for k, w in fast.items()}

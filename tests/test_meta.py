@@ -151,3 +151,36 @@ def test_ewc_holds_the_fast_weights_closer_to_theta0(base, cache_dir, tmp_path):
 def test_ewc_outside_the_continuous_setting_is_a_config_error(base, cache_dir, tmp_path, capsys):
     assert metatrain(base, tmp_path / "bad", cache_dir, "--meta.ewc_lambda=1") == 2
     assert "continuous" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_take_the_same_meta_step_as_one(base, cache_dir, tmp_path):
+    args = [f"--data.cache_dir={cache_dir}", "--meta.steps=2", "--meta.checkpoint_every=1",
+            *[f"--{o}" for o in META]]
+    assert main(["metatrain", "--init", str(base), "--out", str(tmp_path / "one"), *args]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "dynlm", "metatrain", "--init", str(base), "--out", str(tmp_path / "two"), *args],
+                       env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    one = load_checkpoint(tmp_path / "one" / "checkpoints" / "last.pt")
+    two = load_checkpoint(tmp_path / "two" / "checkpoints" / "last.pt")
+    assert two["world_size"] == 2 and two["step"] == one["step"] == 2
+    # each rank reads half the streams; the all-reduced meta-gradient is the single process's
+    # up to float32 summation order
+    for k in one["learner"]:
+        torch.testing.assert_close(two["learner"][k], one["learner"][k], rtol=1e-5, atol=1e-6, msg=k)
+    for k in one["reader"]["fast"]:  # all 4 streams' fast weights were gathered in order
+        torch.testing.assert_close(two["reader"]["fast"][k], one["reader"]["fast"][k], rtol=1e-5, atol=1e-6)
+
+
+def test_meta_articles_split_the_training_articles_between_the_stages():
+    from dynlm.data.articles import Article
+    from dynlm.data.errors import DataError
+    from dynlm.train.setup import training_share
+    arts = [Article(str(i), str(i), np.zeros(3, dtype=np.int32), 3) for i in range(10)]
+    static, meta = training_share(arts, 3, "static"), training_share(arts, 3, "meta")
+    assert [a.id for a in static] == [str(i) for i in range(7)] and [a.id for a in meta] == ["7", "8", "9"]
+    assert training_share(arts, 0, "meta") == arts
+    with pytest.raises(DataError, match="meta_articles"):
+        training_share(arts, 10, "static")

@@ -68,6 +68,13 @@ def test_evaluate_outputs(trained, tmp_path, tiny_overrides):
     assert len(tokens) == n and tokens.groupby("article_id").position.nunique().sum() == n
 
 
+def test_relative_drift_on_a_hand_made_case():
+    from dynlm.evaluate import relative_drift
+    theta0 = {"a": torch.tensor([3.0, 0.0]), "b": torch.tensor([4.0])}  # ||theta0|| = 5
+    fast = {"a": torch.tensor([[3.0, 0.0], [3.0, 3.0]]), "b": torch.tensor([[4.0], [8.0]])}  # stream 1 moved by (0, 3, 4)
+    torch.testing.assert_close(relative_drift(fast, theta0), torch.tensor([0.0, 1.0]))
+
+
 def test_batched_streams_give_the_same_numbers(trained, tmp_path):
     ppl = []
     for b in (1, 3):
@@ -111,3 +118,10 @@ def test_metatrain_then_evaluate_every_rule(trained, tmp_path):
     modes = json.loads((out / "summary.json").read_text())["modes"]
     assert set(modes) == {"static", "sgd", "dyneval", "learned"}
     assert all(m["n_tokens"] == modes["static"]["n_tokens"] and math.isfinite(m["ppl"]) for m in modes.values())
+    # the adaptive modes report how far their weights wandered from theta0, and the report plots it
+    assert "weight_drift" not in modes["static"]
+    for mode in ("sgd", "dyneval", "learned"):
+        d = modes[mode]["weight_drift"]
+        assert 0 < d["final_mean"] <= d["max"] < 1, (mode, d)
+    drift_rows = list(csv.DictReader(open(out / "drift.csv")))
+    assert {r["mode"] for r in drift_rows} == {"sgd", "dyneval", "learned"} and (out / "drift.png").stat().st_size > 1000

@@ -109,6 +109,10 @@ class LearnedRule(Rule):
         at least COMPILE_MIN coordinates (eager makes ~20 passes over B copies of every weight;
         small tensors are not worth the compile time)."""
         if self.hidden == 0:
+            # a few variants get compiled (eval vs meta, ff vs rnn, first steps): room for all of them
+            dynamo = torch._dynamo.config
+            limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+            setattr(dynamo, limit, max(getattr(dynamo, limit), 64))
             self._compiled = torch.compile(linear_gated_update, dynamic=True)
         return self
 

@@ -97,10 +97,10 @@ def _metatrain(cfg: Config, run_dir: Path, init: Path | None, resume: bool, dinf
         run_dir.mkdir(parents=True, exist_ok=True)
         if base is not None and not (run_dir / "tokenizer").exists():
             shutil.copytree(init.resolve().parent.parent / "tokenizer", run_dir / "tokenizer")
-        tok, splits = prepare_data(cfg, run_dir, ["train", "valid"])
+        tok, splits = prepare_data(cfg, run_dir, ["train", "valid"], role="meta")
     D.barrier()
     if not main:
-        tok, splits = prepare_data(cfg, run_dir, ["train", "valid"])
+        tok, splits = prepare_data(cfg, run_dir, ["train", "valid"], role="meta")
     if base is not None and tok.fingerprint() != base["tokenizer_fingerprint"]:
         raise CheckpointError(f"{run_dir / 'tokenizer'} does not match the vocabulary of {init}; "
                               "use a fresh --out directory")

@@ -24,6 +24,21 @@ def prepare_tokenizer(cfg: Config, run_dir: Path) -> Tokenizer:
     return tok
 
 
-def prepare_data(cfg: Config, run_dir: Path, splits: list[str]) -> tuple[Tokenizer, dict[str, list[Article]]]:
+def prepare_data(cfg: Config, run_dir: Path, splits: list[str], role: str = "") -> tuple[Tokenizer, dict[str, list[Article]]]:
+    """role 'static' or 'meta': which share of the training articles that stage reads (data.meta_articles)."""
     tok = prepare_tokenizer(cfg, run_dir)
-    return tok, {s: load_articles(cfg.data, s, tok) for s in splits}
+    out = {s: load_articles(cfg.data, s, tok) for s in splits}
+    if "train" in out and role:
+        out["train"] = training_share(out["train"], cfg.data.meta_articles, role)
+    return tok, out
+
+
+def training_share(articles: list[Article], meta_articles: int, role: str) -> list[Article]:
+    """The last `meta_articles` training articles are meta-training's alone: the learner then learns
+    to adapt on text the static model has not memorised, as it will have to at test time."""
+    if not meta_articles:
+        return articles
+    if not 0 < meta_articles < len(articles):
+        raise DataError(f"data.meta_articles={meta_articles} must be between 1 and the {len(articles)} "
+                        "training articles minus one (0 = static and meta-training both read them all)")
+    return articles[:-meta_articles] if role == "static" else articles[-meta_articles:]

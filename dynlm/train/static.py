@@ -145,10 +145,10 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dinfo: D.DistInfo, device: 
     torch.manual_seed(t.seed + 7919 * dinfo.rank)
     # rank 0 builds the tokenizer and the token cache; the others then read them (no write races)
     if main:
-        tok, splits = prepare_data(cfg, run_dir, ["train", "valid"])
+        tok, splits = prepare_data(cfg, run_dir, ["train", "valid"], role="static")
     D.barrier()
     if not main:
-        tok, splits = prepare_data(cfg, run_dir, ["train", "valid"])
+        tok, splits = prepare_data(cfg, run_dir, ["train", "valid"], role="static")
     train_arts, valid_arts = splits["train"], splits["valid"]
     lm = LSTMLM(cfg.model, tok.vocab_size)
     params = {k: v.requires_grad_() for k, v in lm.init_params(t.seed, device=device).items()}
