@@ -127,11 +127,12 @@ def load_latest_checkpoint(directory, map_location="cpu", check=None) -> tuple[d
     return None
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
+def flatten_config(d: dict, prefix: str = "") -> dict:
+    """{'model': {'hidden_size': 24}} -> {'model.hidden_size': 24}."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten_config(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -141,7 +142,7 @@ def config_mismatches(saved: dict, current: dict, keys, ignore=()) -> list[str]:
     """['model.hidden_size: checkpoint 24, now 32', ...] for dotted `keys` (a section name covers
     the whole section) whose values differ between two config dicts; `ignore` exempts keys.
     Keys the checkpoint does not have (options added to the code since) are not compared."""
-    flat_saved, flat_now = _flatten(saved), _flatten(current)
+    flat_saved, flat_now = flatten_config(saved), flatten_config(current)
     selected = [k for k in sorted(flat_saved)
                 if any(k == key or k.startswith(key + ".") for key in keys) and k not in ignore]
     return [f"{k}: checkpoint {flat_saved[k]!r}, now {flat_now[k]!r}" if k in flat_now

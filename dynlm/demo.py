@@ -11,7 +11,7 @@ from .config import Config
 from .run_eval import evaluate_checkpoint
 from .train.meta import metatrain
 from .train.static import train_static
-from .tune import tune_checkpoint
+from .tune import tune_checkpoint, tuned_in_effect, tuned_path
 
 
 def run_demo(cfg: Config, run_dir: Path) -> dict:
@@ -20,10 +20,12 @@ def run_demo(cfg: Config, run_dir: Path) -> dict:
     ckpt = Path(meta["checkpoint"])  # the learner and the (unchanged, theta0_lr=0) static weights
     ck = load_checkpoint(ckpt)
     baselines = [m for m in cfg.tune.modes if m in cfg.eval.modes]
-    if baselines:
-        tuned = tune_checkpoint(ck, ckpt, cfg, baselines, cfg.tune.split, cfg.tune.articles)
-        cfg = dataclasses.replace(cfg, rule=dataclasses.replace(cfg.rule, **tuned["best"]))
-    summary = evaluate_checkpoint(ck, ckpt, cfg, "test", cfg.eval.modes, run_dir / "eval_test")
+    tuned = None
+    if baselines:  # the baselines get their best shot, on validation articles
+        best = tune_checkpoint(ck, ckpt, cfg, baselines, cfg.tune.split, cfg.tune.articles)["best"]
+        cfg = dataclasses.replace(cfg, rule=dataclasses.replace(cfg.rule, **best))
+        tuned = tuned_in_effect(tuned_path(ckpt), ckpt, cfg)
+    summary = evaluate_checkpoint(ck, ckpt, cfg, "test", cfg.eval.modes, run_dir / "eval_test", tuned=tuned)
     modes = summary["modes"]
     print(f"\ndemo done: static LM valid ppl {static['best_valid_ppl']:.2f}; test ppl "
           + ", ".join(f"{m} {s['ppl']:.2f}" for m, s in modes.items())

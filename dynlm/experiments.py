@@ -38,7 +38,7 @@ from typing import Callable
 import torch
 import yaml
 
-from .checkpoint import latest_checkpoint, load_checkpoint
+from .checkpoint import flatten_config, latest_checkpoint, load_checkpoint
 from .config import Config, ConfigError, load_config, to_dict
 from .run_eval import check_modes, evaluate_checkpoint, params_fingerprint
 from .report import check_config as check_report_config
@@ -104,16 +104,6 @@ def experiment_configs(exp: Experiment, scale: str, overrides: list[str] = ()) -
 
 
 # ---- what identifies a stage's result -------------------------------------------------------------
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _select(cfg_dict: dict, keys, ignore=()) -> dict:
     """Flattened settings under `keys` (dotted names or whole sections), minus `ignore`; data.path is
     made absolute, so a corpus named relatively and by --data-dir is one corpus."""
@@ -121,7 +111,7 @@ def _select(cfg_dict: dict, keys, ignore=()) -> dict:
     data = d.get("data", {})
     if data.get("path"):
         data["path"] = str(Path(data["path"]).resolve())
-    return {k: v for k, v in sorted(_flat(d).items())
+    return {k: v for k, v in sorted(flatten_config(d).items())
             if any(k == key or k.startswith(key + ".") for key in keys) and k not in ignore}
 
 

@@ -99,9 +99,16 @@ def test_evaluate_bad_input_is_a_clear_error(trained, tmp_path, capsys):
 
 def test_demo_writes_per_article_results(tmp_path, tiny_overrides):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), *[f"--{o}" for o in tiny_overrides]]) == 0
-    summary = json.loads(next(out.rglob("summary.json")).read_text())
-    assert summary["modes"]["static"]["ppl"] > 1 and next(out.rglob("per_article.csv")).exists()
+    small = ["data.meta_articles=3", "meta.steps=3", "meta.batch_size=2", "meta.chunk=10", "meta.valid_articles=1",
+             "tune.articles=1", "eval.segment_length=10"]
+    assert main(["demo", "--out", str(out), *[f"--{o}" for o in tiny_overrides + small]]) == 0
+    summary = json.loads((out / "eval_test" / "summary.json").read_text())
+    # the whole pipeline: static LM, meta-trained learner, tuned baselines, every mode, the report
+    assert set(summary["modes"]) == {"static", "sgd", "dyneval", "cache", "learned"}
+    assert set(summary["tuned"]["values"]) >= {"rule.sgd_lr", "rule.dyneval_lr", "rule.cache_lambda"}
+    assert (out / "meta" / "tuned.yaml").exists() and (out / "meta" / "checkpoints" / "last.pt").exists()
+    for name in ("per_article.csv", "tokens.parquet", "heatmap.html", "improvement.png", "drift.png"):
+        assert (out / "eval_test" / name).exists(), name
 
 
 def test_metatrain_then_evaluate_every_rule(trained, tmp_path):

@@ -81,6 +81,19 @@ def ewc_fisher(lm, params, articles, cfg: Config, names, eos_id, device) -> dict
     return {k: f / mean for k, f in fisher.items()}
 
 
+def meta_parameters(params, names, rule, m, device):
+    """Copies of the static weights and of theta0 (trainable when meta.static_lr / meta.theta0_lr > 0),
+    and the outer Adam over them and the learner: (static, theta0, optimizer, trained tensors)."""
+    static = {k: v.detach().clone().to(device).requires_grad_(m.static_lr > 0) for k, v in params.items() if k not in names}
+    theta0 = {k: params[k].detach().clone().to(device).requires_grad_(m.theta0_lr > 0) for k in names}
+    groups = [{"params": list(rule.parameters()), "lr": m.lr}]
+    if m.theta0_lr > 0:
+        groups.append({"params": list(theta0.values()), "lr": m.theta0_lr})
+    if m.static_lr > 0:
+        groups.append({"params": list(static.values()), "lr": m.static_lr})
+    return static, theta0, torch.optim.Adam(groups), [p for g in groups for p in g["params"]]
+
+
 def metatrain(cfg: Config, run_dir: Path, init: Path | None = None, resume: bool = False) -> dict:
     """Meta-train the learned rule; returns a result dict (on every rank). result['stopped_by']
     names the signal when SIGINT/SIGTERM ended the run early (after saving a checkpoint)."""
@@ -108,16 +121,8 @@ def _metatrain(cfg: Config, run_dir: Path, init: Path | None, resume: bool, dinf
     lm = LSTMLM(cfg.model, tok.vocab_size)
     params = base["params"] if base is not None else lm.init_params(cfg.train.seed, device=device)
     names = adapted_names(lm, cfg.rule, "learned", params)
-    static = {k: v.detach().clone().to(device).requires_grad_(m.static_lr > 0) for k, v in params.items() if k not in names}
-    theta0 = {k: params[k].detach().clone().to(device).requires_grad_(m.theta0_lr > 0) for k in names}
     rule = make_rule("learned", cfg.rule, names).to(device)
-    groups = [{"params": list(rule.parameters()), "lr": m.lr}]
-    if m.theta0_lr > 0:
-        groups.append({"params": list(theta0.values()), "lr": m.theta0_lr})
-    if m.static_lr > 0:
-        groups.append({"params": list(static.values()), "lr": m.static_lr})
-    trained = [p for g in groups for p in g["params"]]
-    opt = torch.optim.Adam(groups)
+    static, theta0, opt, trained = meta_parameters(params, names, rule, m, device)
     guard = FaultGuard(m.max_bad_steps, where="meta", verbose=main)
     fisher = ewc_fisher(lm, {**static, **theta0}, train_arts, cfg, names, tok.eos_id, device) if m.ewc_lambda else None
 
@@ -264,7 +269,7 @@ def _metatrain(cfg: Config, run_dir: Path, init: Path | None, resume: bool, dinf
                 bar.set_postfix(gain=f"{gain:+.4f}")
                 window = dict.fromkeys(window, 0.0)
                 window_start, window_tokens = now, 0
-            out_of_time = bool(m.max_minutes) and D.max_float(minutes() - minutes_before) > m.max_minutes
+            out_of_time = bool(m.max_minutes) and D.max_float(minutes()) > m.max_minutes  # total, across resumes
             stop_now = D.any_true(stop.requested)
             last = step >= m.steps or out_of_time or stop_now
             improved = False

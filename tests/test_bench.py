@@ -1,0 +1,80 @@
+import json
+import math
+
+import pytest
+import torch
+
+from dynlm.bench import TorchLSTMLM
+from dynlm.cli import main
+from dynlm.config import ModelConfig
+from dynlm.model import LSTMLM
+
+REQUIRED_RATIOS = ("dyneval_vs_static_train", "learned_vs_dyneval", "metatrain_first_order_vs_static_train",
+                   "memory_k64_vs_k4_checkpointed", "memory_k64_vs_k4_plain", "functional_vs_nn_lstm_train")
+
+# big enough that one meta-step's memory shows in the RSS (a few MiB per chunk step), small enough for seconds
+TINY_BENCH = ["--model.emb_size=32", "--model.hidden_size=64", "--bench.vocab_size=100", "--bench.batch_size=2",
+              "--eval.segment_length=6", "--bench.short_segment=3", "--bench.repeats=1", "--bench.warmup=1",
+              "--bench.steps=1", "--bench.learner_hidden=4", "--bench.memory_batch_size=2", "--bench.threads=1",
+              "--meta.unroll=2"]
+
+
+@pytest.mark.parametrize("softmax", ["full", "adaptive"])
+def test_functional_model_equals_nn_lstm_model(softmax):
+    """Same weights, same tokens: the functional LSTMLM and the nn.Embedding + nn.LSTM build give the
+    same loss and the same gradients (nn.LSTM's second bias gets the same gradient as the first)."""
+    cfg = ModelConfig(emb_size=8, hidden_size=16, n_layers=2, softmax=softmax, adaptive_cutoffs=[10, 30])
+    lm = LSTMLM(cfg, 50)
+    params = {k: v.requires_grad_() for k, v in lm.init_params(seed=1, dtype=torch.float64).items()}
+    module = TorchLSTMLM(lm, params)
+    tokens, targets = torch.randint(0, 50, (3, 7)), torch.randint(0, 50, (3, 7))
+    state = lm.init_state(3, dtype=torch.float64)
+
+    out, _ = lm.hidden(params, tokens, state)
+    loss = lm.nll(params, out, targets).mean()
+    loss.backward()
+    ref_out, _ = module.hidden(tokens, state)
+    ref_loss = module.nll(ref_out, targets).mean()
+    ref_loss.backward()
+
+    torch.testing.assert_close(loss, ref_loss)
+    torch.testing.assert_close(params["embed"].grad, module.embed.weight.grad)
+    for l, layer in enumerate(module.layers):
+        torch.testing.assert_close(params[f"lstm.{l}.w_ih"].grad, layer.weight_ih_l0.grad)
+        torch.testing.assert_close(params[f"lstm.{l}.w_hh"].grad, layer.weight_hh_l0.grad)
+        torch.testing.assert_close(params[f"lstm.{l}.b"].grad, layer.bias_ih_l0.grad)
+        torch.testing.assert_close(params[f"lstm.{l}.b"].grad, layer.bias_hh_l0.grad)
+    softmax_grads = {k: p.grad for k, p in module.softmax_params().items() if k != "embed"}
+    assert softmax_grads  # tied output bias (full) or the adaptive softmax's weights
+    for k, g in softmax_grads.items():
+        torch.testing.assert_close(params[k].grad, g)
+
+
+@pytest.mark.slow
+def test_bench_writes_every_ratio_and_memory_row(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--out", str(out), "--device", "cpu", *TINY_BENCH]) == 0
+    result = json.loads(out.read_text())
+    for key in REQUIRED_RATIOS:
+        assert key in result["ratios"], key
+        assert math.isfinite(result["ratios"][key]) and result["ratios"][key] > 0, (key, result["ratios"][key])
+    rows = result["memory"]["rows"]
+    for k in (1, 4, 16, 64):
+        for ckpt in (False, True):
+            (row,) = [r for r in rows if r["unroll"] == k and r["checkpoint"] == ckpt]
+            assert row["peak_mib"] is not None and row["peak_mib"] >= 0, row
+    assert {"static_train", "nn_lstm_train", "dyneval_seg6", "dyneval_seg3", "learned_ff_seg6", "learned_rnn_seg3",
+            "learned_ff_hidden4_seg6", "metatrain_first_order_checkpointed"} <= set(result["throughput"])
+    assert all(row["tokens_per_s"] > 0 for row in result["throughput"].values())
+    assert result["machine"]["torch"] == torch.__version__ and result["machine"]["device"] == "cpu"
+    assert "commit" in result["git"] and "dirty" in result["git"]
+    assert result["config"]["bench"]["batch_size"] == 2
+    assert "| dyneval_vs_static_train |" in capsys.readouterr().out  # the printed table
+
+
+def test_bench_bad_config_exits_2(tmp_path, capsys):
+    assert main(["bench", "--out", str(tmp_path / "b.json"), "--bench.repeats=0"]) == 2
+    assert "bench.repeats must be >= 1" in capsys.readouterr().err
+    assert main(["bench", "--out", str(tmp_path / "b.json"), "--bench.precision=fp16"]) == 2
+    assert main(["bench", "--out", str(tmp_path / "b.json"), "--device", "tpu"]) == 2
+    assert not (tmp_path / "b.json").exists()
