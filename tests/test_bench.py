@@ -78,3 +78,21 @@ def test_bench_bad_config_exits_2(tmp_path, capsys):
     assert main(["bench", "--out", str(tmp_path / "b.json"), "--bench.precision=fp16"]) == 2
     assert main(["bench", "--out", str(tmp_path / "b.json"), "--device", "tpu"]) == 2
     assert not (tmp_path / "b.json").exists()
+
+
+@pytest.mark.slow
+def test_checkpointing_makes_memory_grow_slower_with_the_unroll_length(tmp_path):
+    """Peak memory of one meta-step (fresh processes, RSS following live tensors): checkpointed
+    unrolls keep each chunk step's memorised state only, so they grow more slowly with K."""
+    from dynlm.bench import memory_probe
+    from dynlm.config import load_config
+    cfg = load_config([], ["model.emb_size=64", "model.hidden_size=128", "bench.vocab_size=2000",
+                           "rule.compile=false", "eval.segment_length=35"])
+    import multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(1, maxtasksperchild=1) as pool:
+        peak = {(k, c): pool.apply(memory_probe, (cfg, torch.device("cpu"), k, c))["peak_mib"]
+                for k in (4, 24) for c in (False, True)}
+    plain_growth = peak[(24, False)] - peak[(4, False)]
+    ckpt_growth = peak[(24, True)] - peak[(4, True)]
+    assert plain_growth > 0 and ckpt_growth < 0.75 * plain_growth, peak
