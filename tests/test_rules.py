@@ -249,3 +249,11 @@ def test_grad_rms_is_the_rms_of_each_segments_own_gradient():
         for k, g in zip(names, torch.autograd.grad(loss, [w[k] for k in names])):
             old[k] += g.pow(2) / len(layout)
     assert sum(ms[k].pow(2).sum() for k in names) > 1.2 * sum(old[k].sum() for k in names)
+
+
+def test_dyneval_on_all_weights_is_a_clear_error_for_now():
+    from dynlm.config import ConfigError
+    from dynlm.rules import adapted_names
+    lm, p = tiny_lm()
+    with pytest.raises(ConfigError, match="dyneval_all_weights"):
+        adapted_names(lm, RuleConfig(dyneval_all_weights=True), "dyneval", p)

@@ -1,7 +1,7 @@
 """Update rules behind one interface (see base.Rule)."""
 from __future__ import annotations
 
-from ..config import RuleConfig
+from ..config import ConfigError, RuleConfig
 from .base import Rule, SGDRule, StaticRule
 from .dyneval import DynEvalRule, compute_grad_rms
 from .learned import LearnedRule
@@ -14,7 +14,10 @@ def adapted_names(lm, cfg: RuleConfig, mode: str, params) -> list[str]:
     if mode == "static":
         return []
     if mode == "dyneval" and cfg.dyneval_all_weights:
-        return list(params)
+        # per-stream copies of the embeddings/softmax need a per-stream embedding lookup and softmax
+        # in the LM, which it does not have yet: say so instead of failing deep inside
+        raise ConfigError("rule.dyneval_all_weights=true is not supported yet (the LM takes per-stream "
+                          "copies of its LSTM weights only); use the default, LSTM weights only")
     return lm.lstm_names(cfg.layers or None)
 
 
