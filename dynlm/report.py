@@ -282,7 +282,7 @@ def plot_drift(drift_csv: Path, path: Path) -> None:
     fig = Figure(figsize=(8, 4.5), dpi=110)
     ax = fig.add_subplot()
     for mode in dict.fromkeys(r["mode"] for r in rows):
-        xs = [int(r["tokens_read"]) for r in rows if r["mode"] == mode]
+        xs = [int(float(r["tokens_read"])) for r in rows if r["mode"] == mode]
         ax.plot(xs, [float(r["drift_mean"]) for r in rows if r["mode"] == mode], label=f"{mode} (mean over streams)")
         ax.plot(xs, [float(r["drift_max"]) for r in rows if r["mode"] == mode], linestyle=":", label=f"{mode} (max)")
     ax.set_xlabel("tokens read")
