@@ -24,6 +24,12 @@ def tiny_overrides(tmp_path):
     return TINY + [f"data.cache_dir={tmp_path / 'cache'}"]
 
 
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """One tokenized-corpus cache per test module: its runs share the tokenization work."""
+    return tmp_path_factory.mktemp("cache")
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -25,11 +25,6 @@ META = ["meta.unroll=2", "meta.chunk=10", "meta.batch_size=4", "meta.log_every=1
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(scope="module")
 def base(tmp_path_factory, cache_dir):
     """A static LM trained a little longer than the tiny default, so there is structure to adapt."""
     run = tmp_path_factory.mktemp("base") / "run"

@@ -73,11 +73,6 @@ def assert_same_final_metrics(a, b):
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(scope="module")
 def reference(tmp_path_factory, cache_dir):
     """An uninterrupted LONG run: what every interrupted-and-resumed run must reproduce."""
     run = tmp_path_factory.mktemp("reference") / "run"
