@@ -27,6 +27,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import time
@@ -590,16 +591,37 @@ class ExperimentRunner:
                     and record.get("key") == self.eval_key(ckpt, cfg))
             return ckpt, cfg, tuned, done
 
+        def same_elsewhere(ckpt: Path, cfg: Config) -> Path | None:
+            """Another experiment's evaluation with this key (the ablations share their reference arm)."""
+            if "evaluate" in self.redo or not ckpt.is_file():
+                return None
+            key, own = self.eval_key(ckpt, cfg), self.eval_dir(ac).resolve()
+            for record_path in sorted(self.root.glob(f"*/*/eval_{SPLIT}/{RECORD}")):
+                other = record_path.parent
+                if other.resolve() != own and (other / "summary.json").is_file() \
+                        and (_read_json(record_path) or {}).get("key") == key:
+                    return other
+            return None
+
         def check():
             ckpt, cfg, _, done = state()
             out = self.eval_dir(ac)
             if done:
                 return True, f"done: {out} (same weights, modes and settings)"
+            other = same_elsewhere(ckpt, cfg)
+            if other:
+                return False, f"copy {other} (same weights, modes and settings) -> {out}"
             return False, f"evaluate {ckpt} -> {out}"
 
         def run():
             ckpt, cfg, tuned, _ = state()
             out = self.eval_dir(ac)
+            other = same_elsewhere(ckpt, cfg)
+            if other:  # its record (commit, command, time) stays with the copied numbers
+                shutil.rmtree(out, ignore_errors=True)
+                shutil.copytree(other, out)
+                (out.parent / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+                return
             previous = _read_json(out / "summary.json") if "evaluate" in self.redo else None
             ck = load_checkpoint(ckpt)
             info = tuned_in_effect(tuned["path"], tuned["target"], cfg) if tuned else None

@@ -34,6 +34,7 @@ BASES: dict[str, dict[str, tuple[str, ...]]] = {
 }
 META_FILES = {"cpu": ("wt2_cpu_meta.yaml",), "paper": ("wt103_paper_meta.yaml",)}  # every learned experiment
 ABLATION_BUDGET = {"cpu": ("wt2_cpu_ablation.yaml",), "paper": ("wt103_paper_ablation.yaml",)}
+SUITE_EVAL = {"cpu": ("wt2_cpu_suite_eval.yaml",)}  # the CPU suite scores 2-level and baselines on a subset
 
 
 @dataclass(frozen=True)
@@ -63,9 +64,10 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
     # the meta files too, for their eval settings: every dynamic method reads at one segment length,
     # so the baselines are tuned (once, on the shared base) at the length the learned rule uses
     Experiment("baselines", "dynamic evaluation (SGD; RMS + decay prior) and the neural cache, tuned, "
-               "on the base model", ("static", *BASELINES), tune=BASELINES, files=META_FILES),
+               "on the base model", ("static", *BASELINES), tune=BASELINES,
+               files={s: (*META_FILES[s], *SUITE_EVAL.get(s, ())) for s in SCALES}),
     Experiment("2-level", "LSTM + meta-learner rewriting the LSTM weights, reset at article boundaries",
-               ("static", *BASELINES, "learned"), tune=BASELINES),
+               ("static", *BASELINES, "learned"), tune=BASELINES, files=SUITE_EVAL),
     Experiment("3-level", "continuous reading across article boundaries, with and without the EWC-style "
                "consolidation towards theta0", ("static", "learned"),
                files={"cpu": ("continuous.yaml", "wt2_cpu_3level.yaml"),
@@ -75,9 +77,10 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
                files=ABLATION_BUDGET, arms=(Arm("ff"), Arm("rnn", ("learner_rnn.yaml",)))),
     Experiment("ablate-order", "first- vs second-order meta-gradients", ("static", "learned"),
                files=ABLATION_BUDGET, arms=(Arm("first-order"), Arm("second-order", ("second_order.yaml",)))),
-    Experiment("ablate-unroll", "unroll length K of the meta-gradient (same budget per arm)", ("static", "learned"),
-               files=ABLATION_BUDGET, arms=(Arm("k1", ("unroll_1.yaml",)), Arm("k4", ("unroll_4.yaml",)),
-                                            Arm("k16", ("unroll_16.yaml",)))),
+    Experiment("ablate-unroll", "unroll length K of the meta-gradient (same training tokens per arm at CPU scale)", ("static", "learned"),
+               files=ABLATION_BUDGET, arms=(Arm("k1", {"cpu": ("unroll_1.yaml", "wt2_cpu_unroll_1.yaml"), "paper": ("unroll_1.yaml",)}),
+                     Arm("k4", ("unroll_4.yaml",)),
+                     Arm("k16", {"cpu": ("unroll_16.yaml", "wt2_cpu_unroll_16.yaml"), "paper": ("unroll_16.yaml",)}))),
     Experiment("ablate-layers", "which LSTM layers the meta-learner rewrites (CPU: a 2-layer base)",
                ("static", "learned"), base="multilayer", files=ABLATION_BUDGET,
                arms=(Arm("all"), Arm("layer0", ("adapt_layer_0.yaml",)),
@@ -86,7 +89,7 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
     Experiment("1-level-sp", "static LM on sentencepiece tokens (per-word perplexity)", ("static",),
                base="sentencepiece"),
     Experiment("2-level-sp", "LSTM + meta-learner on sentencepiece tokens (per-word perplexity)",
-               ("static", "learned"), base="sentencepiece"),
+               ("static", "learned"), base="sentencepiece", files={"cpu": ("wt2_cpu_sp_meta.yaml",)}),
 ]}
 
 

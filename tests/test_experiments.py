@@ -39,8 +39,10 @@ def test_every_experiment_config_loads_and_validates(name, scale):
                 assert cfg.meta.checkpoint and (cfg.meta.unroll >= 16 or name == "ablate-unroll")
         else:
             assert cfg.data.path.endswith("wikitext-2")
-            if name.startswith("ablate-"):  # short budgets, a subset of the validation articles
-                assert 0 < cfg.meta.max_minutes <= 10 and cfg.eval.max_articles > 0
+            if name.startswith("ablate-") or name == "3-level":
+                # short step budgets (not minutes: a rerun reproduces them), a subset of the articles
+                assert cfg.meta.max_minutes == 0 and cfg.meta.steps * cfg.meta.unroll <= 200
+                assert cfg.eval.max_articles > 0
         assert all(0 <= l < cfg.model.n_layers for l in cfg.rule.layers)
         assert (cfg.data.tokenizer == "sentencepiece") == name.endswith("-sp")
         if exp.learner:  # one base model for static, the baselines and learned
@@ -48,6 +50,8 @@ def test_every_experiment_config_loads_and_validates(name, scale):
     if name == "3-level":
         ewc, plain = (ac.cfg.meta for ac in configs.arms)
         assert ewc.boundary == plain.boundary == "continuous" and ewc.ewc_lambda > 0 == plain.ewc_lambda
+    if name == "ablate-unroll" and scale == "cpu":  # the arms read the same number of training tokens
+        assert len({ac.cfg.meta.steps * ac.cfg.meta.unroll for ac in configs.arms}) == 1
     if name == "ablate-layers":
         assert [ac.cfg.rule.layers for ac in configs.arms] == [[], [0], [configs.static.model.n_layers - 1]]
         assert configs.static.model.n_layers >= 2
@@ -192,3 +196,25 @@ def test_tiny_experiment_end_to_end_then_skipped_reproduced_and_shared(tmp_path,
     assert main(["experiment", "--results", *args[:6]]) == 0
     regenerated = (tmp_path / "RESULTS.md").read_text()
     assert "| baselines | main |" in regenerated and row in regenerated
+
+
+def test_ablations_share_the_evaluation_of_their_common_arm(tmp_path, capsys):
+    (tmp_path / "README.md").write_text("# x\n")
+    args = tiny_experiment_args(tmp_path)
+    assert main(["experiment", "ablate-learner", *args]) == 0
+    capsys.readouterr()
+    root = tmp_path / "runs" / "experiments" / "cpu"
+    ff = root / "ablate-learner" / "ff" / "eval_valid"
+    # ablate-order's first-order arm is ablate-learner's ff arm: same meta-run, same evaluation key
+    assert main(["experiment", "ablate-order", "--dry-run", *args]) == 0
+    assert f"copy {ff} (same weights, modes and settings)" in capsys.readouterr().out
+    assert main(["experiment", "ablate-order", *args]) == 0
+    out = capsys.readouterr().out
+    assert "[ablate-order] metatrain: skipped, reusing" in out
+    copied = root / "ablate-order" / "first-order" / "eval_valid"
+    assert json.loads((copied / "summary.json").read_text()) == json.loads((ff / "summary.json").read_text())
+    assert json.loads((copied / "runner.json").read_text())["command"].startswith("dynlm experiment ablate-learner")
+    # the second-order arm is new: evaluated, not copied
+    assert (root / "ablate-order" / "second-order" / "eval_valid" / "summary.json").is_file()
+    assert main(["experiment", "ablate-order", *args]) == 0  # now done in place: skipped
+    assert "[ablate-order] evaluate: skipped, done" in capsys.readouterr().out
