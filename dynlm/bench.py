@@ -379,7 +379,7 @@ def build_workloads(bench: Bench) -> list[Workload]:
         w.append(bench.online(f"learned_ff_hidden{hidden_n}" + s, f"online learned ff, hidden {hidden_n}",
                               "learned", length, ff_hidden))
     for order in ("first", "second"):
-        for ckpt in (False, True) if order == "first" else (False,):  # checkpointing is first-order only
+        for ckpt in (False, True):
             w.append(bench.metatrain(f"metatrain_{order}_order" + ("_checkpointed" if ckpt else ""),
                                      f"meta-training, {order}-order" + (", checkpointed" if ckpt else ""),
                                      order == "second", ckpt))

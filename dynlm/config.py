@@ -95,7 +95,7 @@ class RuleConfig:
     dyneval_lr: float = 2e-5  # Krause: dW = lamb*decrate*(theta0-theta) - lr*g/(MS+eps)
     dyneval_lamb: float = 2e-3
     dyneval_eps: float = 2e-5
-    dyneval_all_weights: bool = False  # also adapt embeddings/softmax (not supported yet: a clear error)
+    dyneval_all_weights: bool = False  # also adapt embeddings/softmax (per-stream copies: B x their memory)
     grad_rms_chunks: int = 200  # training chunks averaged for the MS statistics (x eval.batch_size segments)
     cache_window: int = 2000  # neural cache (Grave et al. 2016): positions remembered (their WikiText-2 size)
     cache_theta: float = 0.3  # flatness of the cache attention exp(theta * h_t . h_i)

@@ -65,14 +65,13 @@ def chunk_step(lm: LSTMLM, params: Params, theta0: Params, rule: Rule, reader: R
     """Score `chunk` with the current weights, then let the rule update them.
 
     Returns nll (B, T), the new reader, and stats (the rule's gate means, and "out": the top-layer
-    outputs (B, T, H), detached, for the neural cache). checkpoint (first-order meta-training):
-    keep nothing of the step for the backward pass but its inputs and recompute it then, so memory
-    does not grow with the unroll length (the paper's "hidden-state memorization")."""
+    outputs (B, T, H), detached, for the neural cache). checkpoint (meta-training): keep nothing of
+    the step for the backward pass but its inputs and recompute it then, so memory does not grow
+    with the unroll length (the paper's "hidden-state memorization")."""
     if not (checkpoint and meta):
         return _chunk_step(lm, params, theta0, rule, reader, chunk, meta, second_order)
     if second_order:
-        raise ValueError("gradient checkpointing supports first-order meta-training only: a second-order "
-                         "step differentiates through its own inner gradient, which a checkpoint cannot hold")
+        return _second_order_checkpoint(lm, params, theta0, rule, reader, chunk)
     # The inner gradient is a constant in first order, so it is taken outside the checkpointed region:
     # an autograd.grad inside it would unpack (recompute and keep) the region's tensors during forward.
     inner = _inner_gradient(lm, params, reader, chunk) if rule.adapts else None
@@ -118,3 +117,76 @@ def _chunk_step(lm, params, theta0, rule, reader, chunk, meta, second_order, inn
     new = Reader(hidden, fast, rule_state)
     stats["out"] = out.detach()
     return (nll if meta else nll.detach()), (new if meta else new.detached()), stats
+
+
+# ---- checkpointing a second-order step ----------------------------------------------------------
+# A second-order step differentiates through its own inner gradient, so torch.utils.checkpoint
+# (which would have to recompute the step inside its own forward to take that gradient) keeps
+# everything. Instead the step runs as one autograd Function: forward computes its values without
+# any graph (they do not depend on create_graph) and keeps only its inputs; backward recomputes the
+# step with the double-backward graph and takes its vector-Jacobian product. The learner's
+# parameters are explicit inputs (substituted by functional_call), so autograd routes their
+# gradients like any other.
+
+def _reader_tensors(reader: Reader) -> list[Tensor]:
+    return [t for hc in reader.hidden for t in hc] + list(reader.fast.values()) + list(reader.rule_state.values())
+
+
+def _rebuild_reader(like: Reader, tensors: list[Tensor]) -> Reader:
+    it = iter(tensors)
+    hidden = [(next(it), next(it)) for _ in like.hidden]
+    return Reader(hidden, {k: next(it) for k in like.fast}, {k: next(it) for k in like.rule_state})
+
+
+class _RuleStep(torch.nn.Module):
+    """One chunk step as a module call, so functional_call can swap in the learner's parameters."""
+
+    def __init__(self, lm, rule, chunk):
+        super().__init__()
+        self.lm, self.rule, self.chunk = lm, rule, chunk
+
+    def forward(self, params, theta0, reader, second_order):
+        return _chunk_step(self.lm, params, theta0, self.rule, reader, self.chunk, True, second_order)
+
+
+class _SecondOrderStep(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, run, n_inputs, *tensors):
+        ctx.run = run
+        ctx.save_for_backward(*tensors)
+        outs = run(list(tensors), second_order=False)  # same values, no double-backward graph
+        return tuple(o.detach() for o in outs)
+
+    @staticmethod
+    def backward(ctx, *grad_outs):
+        inputs = [t.detach().requires_grad_(t.requires_grad) for t in ctx.saved_tensors]
+        with torch.enable_grad():
+            outs = ctx.run(inputs, second_order=True)
+        used = [(o, g) for o, g in zip(outs, grad_outs) if g is not None and o.requires_grad]
+        wrt = [t for t in inputs if t.requires_grad]
+        grads = iter(torch.autograd.grad([o for o, _ in used], wrt, [g for _, g in used], allow_unused=True)
+                     if used and wrt else [None] * len(wrt))
+        return (None, None, *[next(grads) if t.requires_grad else None for t in inputs])
+
+
+def _second_order_checkpoint(lm, params, theta0, rule, reader, chunk):
+    names = {"params": list(params), "theta0": list(theta0), "rule": [k for k, _ in rule.named_parameters()]}
+    flat = ([params[k] for k in names["params"]] + [theta0[k] for k in names["theta0"]]
+            + [q for _, q in rule.named_parameters()] + _reader_tensors(reader))
+    sizes = [len(names["params"]), len(names["theta0"]), len(names["rule"])]
+    step = _RuleStep(lm, rule, chunk)
+    kept: dict = {}  # the forward's new reader (its structure) and stats
+
+    def run(tensors, second_order):
+        a, b, c = sizes[0], sizes[0] + sizes[1], sum(sizes)
+        p = dict(zip(names["params"], tensors[:a]))
+        t0 = dict(zip(names["theta0"], tensors[a:b]))
+        learner = {f"rule.{k}": v for k, v in zip(names["rule"], tensors[b:c])}
+        nll, new, stats = torch.func.functional_call(step, learner, (p, t0, _rebuild_reader(reader, tensors[c:]),
+                                                                   second_order))
+        if not second_order:
+            kept.update(reader=new, stats=stats)
+        return [nll, *_reader_tensors(new)]
+
+    outs = _SecondOrderStep.apply(run, len(flat), *flat)
+    return outs[0], _rebuild_reader(kept["reader"], list(outs[1:])), kept["stats"]

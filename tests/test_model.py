@@ -14,9 +14,9 @@ def tiny(softmax="full", **kw):
     return lm, lm.init_params(seed=0, dtype=torch.float64)
 
 
-def per_stream(lm, params, batch):
+def per_stream(lm, params, batch, names=None):
     out = dict(params)
-    for n in lm.lstm_names():
+    for n in lm.lstm_names() if names is None else names:
         out[n] = params[n].expand(batch, *params[n].shape).clone()
     return out
 
@@ -47,6 +47,43 @@ def test_per_stream_weights_equal_shared(softmax):
     out_ps, _ = lm.hidden(per_stream(lm, p, 4), tokens, s0)
     torch.testing.assert_close(out, out_ps)
     torch.testing.assert_close(lm.nll(p, out, tokens), lm.nll(p, out_ps, tokens))
+
+
+@pytest.mark.parametrize("softmax", ["full", "adaptive"])
+def test_per_stream_embeddings_and_softmax_equal_shared_and_stay_independent(softmax):
+    lm, p = tiny(softmax)  # full: tied embedding with a projection, all per stream
+    tokens = torch.randint(0, 50, (3, 7))
+    s0 = lm.init_state(3, dtype=torch.float64)
+    ps = per_stream(lm, p, 3, names=list(p))  # every weight, embeddings and softmax included
+    assert lm.per_stream_output(ps) and not lm.per_stream_output(per_stream(lm, p, 3))
+    out, _ = lm.hidden(p, tokens, s0)
+    out_ps, _ = lm.hidden(ps, tokens, s0)
+    torch.testing.assert_close(out_ps, out)
+    torch.testing.assert_close(lm.nll(ps, out_ps, tokens), lm.nll(p, out, tokens))
+    # stream 1's own copy of the input embedding and of the softmax moves stream 1 only
+    out_name = "adaptive.head.weight" if softmax == "adaptive" else "out_bias"
+    for name in ("embed", out_name):
+        changed = {**ps, name: ps[name].clone()}
+        changed[name][1] += 0.3 * torch.randn_like(changed[name][1])  # not a constant: softmax-invariant
+        out_c, _ = lm.hidden(changed, tokens, s0)
+        nll_c = lm.nll(changed, out_c, tokens)
+        torch.testing.assert_close(nll_c[[0, 2]], lm.nll(p, out, tokens)[[0, 2]])
+        assert (nll_c[1] - lm.nll(p, out, tokens)[1]).abs().max() > 1e-4
+
+
+def test_per_stream_gradients_of_every_weight_are_each_streams_own():
+    lm, p = tiny("adaptive")
+    tokens = torch.randint(0, 50, (2, 6))
+    ps = {k: v.requires_grad_() for k, v in per_stream(lm, p, 2, names=list(p)).items()}
+    out, _ = lm.hidden(ps, tokens, lm.init_state(2, dtype=torch.float64))
+    grads = torch.autograd.grad(lm.nll(ps, out, tokens).sum(), list(ps.values()))
+    for b in range(2):  # stream b's slice = the gradient of stream b's loss alone, with shared weights
+        w = {k: v.clone().requires_grad_() for k, v in p.items()}
+        out_b, _ = lm.hidden(w, tokens[b:b + 1], lm.init_state(1, dtype=torch.float64))
+        # (the shared adaptive softmax skips a tail cluster none of the targets falls in: no gradient)
+        ref = torch.autograd.grad(lm.nll(w, out_b, tokens[b:b + 1]).sum(), list(w.values()), allow_unused=True)
+        for name, g, r in zip(ps, grads, ref):
+            torch.testing.assert_close(g[b], torch.zeros_like(g[b]) if r is None else r, msg=name)
 
 
 def test_per_stream_weights_are_independent():

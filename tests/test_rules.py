@@ -106,9 +106,9 @@ def test_meta_gradient_matches_finite_differences(second_order, kind, hidden):
         assert g[idx].item() == pytest.approx((up - down) / (2 * eps), rel=1e-4, abs=1e-8)
 
 
+@pytest.mark.parametrize("second_order", [False, True])
 @pytest.mark.parametrize("kind,hidden", [("ff", 0), ("rnn", 0), ("rnn", 4)])
-def test_checkpointed_unroll_gives_the_same_meta_gradients(kind, hidden):
-    second_order = False
+def test_checkpointed_unroll_gives_the_same_meta_gradients(kind, hidden, second_order):
     lm, p = tiny_lm()
     names = lm.lstm_names()
     theta0 = {k: p[k].clone().requires_grad_() for k in names}
@@ -123,14 +123,9 @@ def test_checkpointed_unroll_gives_the_same_meta_gradients(kind, hidden):
     for a, b in zip(plain, ckpt):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     assert any(a.abs().max() > 0 for a in plain)
-
-
-def test_checkpointing_a_second_order_unroll_is_refused():
-    lm, p = tiny_lm()
-    names = lm.lstm_names()
-    theta0 = {k: p[k].clone() for k in names}
-    with pytest.raises(ValueError, match="first-order"):
-        unrolled_loss(lm, p, LearnedRule(names), theta0, chunks(1), True, checkpoint=True)
+    if second_order:  # and the second-order terms are really there: first order gives other gradients
+        first = torch.autograd.grad(unrolled_loss(lm, p, rule, theta0, data, False), wrt)
+        assert max((a - b).abs().max() for a, b in zip(first, ckpt)) > 1e-8
 
 
 FROZEN_GRADS = {}
@@ -251,9 +246,32 @@ def test_grad_rms_is_the_rms_of_each_segments_own_gradient():
     assert sum(ms[k].pow(2).sum() for k in names) > 1.2 * sum(old[k].sum() for k in names)
 
 
-def test_dyneval_on_all_weights_is_a_clear_error_for_now():
-    from dynlm.config import ConfigError
+def test_dyneval_on_all_weights_adapts_each_streams_own_embeddings_and_softmax():
     from dynlm.rules import adapted_names
     lm, p = tiny_lm()
-    with pytest.raises(ConfigError, match="dyneval_all_weights"):
-        adapted_names(lm, RuleConfig(dyneval_all_weights=True), "dyneval", p)
+    names = adapted_names(lm, RuleConfig(dyneval_all_weights=True), "dyneval", p)
+    assert set(names) == set(p) and adapted_names(lm, RuleConfig(), "dyneval", p) == lm.lstm_names()
+    ms = {k: torch.rand_like(p[k]) + 0.1 for k in names}
+    rule = DynEvalRule(ms, lr=0.05, lamb=0.01, eps=1e-3)
+    steps = chunks(3, B=2)
+
+    def read(stream_rows):  # stream_rows of every chunk, read together; returns nll per chunk
+        reader, nlls = start_reader(lm, p, rule, names, len(stream_rows), "cpu"), []
+        for c in steps:
+            sub = Chunk(*(getattr(c, f)[stream_rows] for f in Chunk.__dataclass_fields__))
+            nll, reader, _ = chunk_step(lm, p, p, rule, reader, sub)
+            nlls.append(nll)
+        return torch.cat(nlls, 1), reader
+
+    both, reader = read([0, 1])
+    assert reader.fast["embed"].shape == (2, *p["embed"].shape)  # a copy per stream
+    assert not torch.equal(reader.fast["embed"][0], p["embed"]) and not torch.equal(reader.fast["out_bias"][0], p["out_bias"])
+    for s in range(2):  # each stream alone reads exactly as it does beside the other
+        alone, _ = read([s])
+        torch.testing.assert_close(both[s], alone[0])
+    reader_lstm = start_reader(lm, p, rule, lm.lstm_names(), 2, "cpu")
+    nlls = []
+    for c in steps:
+        nll, reader_lstm, _ = chunk_step(lm, p, p, rule, reader_lstm, c)
+        nlls.append(nll)
+    assert (torch.cat(nlls, 1) - both)[:, 4:].abs().max() > 1e-6  # the embeddings/softmax updates matter

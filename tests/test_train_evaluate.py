@@ -132,3 +132,21 @@ def test_metatrain_then_evaluate_every_rule(trained, tmp_path):
         assert 0 < d["final_mean"] <= d["max"] < 1, (mode, d)
     drift_rows = list(csv.DictReader(open(out / "drift.csv")))
     assert {r["mode"] for r in drift_rows} == {"sgd", "dyneval", "learned"} and (out / "drift.png").stat().st_size > 1000
+
+
+def test_dyneval_on_all_weights_through_evaluate(trained, tmp_path):
+    """Krause's full dynamic evaluation (embeddings and softmax too) runs from the command line and
+    scores the same tokens; its MS statistics cover every weight and are cached apart."""
+    ckpt = trained / "checkpoints" / "best.pt"
+    runs = {}
+    for all_weights in (False, True):
+        out = tmp_path / f"eval_{all_weights}"
+        assert main(["evaluate", "--checkpoint", str(ckpt), "--split", "valid", "--modes", "static,dyneval",
+                     "--out", str(out), "--rule.grad_rms_chunks=3", "--rule.dyneval_lr=3e-4", "--ignore-tuned",
+                     f"--rule.dyneval_all_weights={str(all_weights).lower()}"]) == 0
+        runs[all_weights] = json.loads((out / "summary.json").read_text())["modes"]
+    lstm, every = runs[False]["dyneval"], runs[True]["dyneval"]
+    assert every["n_tokens"] == lstm["n_tokens"] == runs[True]["static"]["n_tokens"]
+    assert math.isfinite(every["ppl"]) and every["ppl"] != pytest.approx(lstm["ppl"], rel=1e-6)
+    saved = [torch.load(p)["ms"] for p in sorted((trained / "grad_rms").glob("*.pt"))]
+    assert len(saved) == 2 and sorted("embed" in ms for ms in saved) == [False, True]

@@ -1,10 +1,12 @@
 """An LSTM language model written as a function of a parameter dictionary.
 
-Any set of weights can be substituted, including one copy of the LSTM weights per
-stream (a leading batch dimension on `lstm.*` tensors): that is how the medium-term
-memory (fast weights rewritten while reading) plugs in. Shared weights take the fused
-`nn.LSTM` kernel; per-stream weights take an explicit batched loop that supports
-double backward (cuDNN's fused RNN does not).
+Any set of weights can be substituted, including one copy per stream of any weight (a
+leading batch dimension B): that is how the medium-term memory (fast weights rewritten
+while reading) plugs in. The learned rule rewrites the LSTM weights; dynamic evaluation
+may rewrite the embeddings and the softmax too. Shared LSTM weights take the fused
+`nn.LSTM` kernel; per-stream ones take a hand-written batched kernel, or an explicit
+loop that supports double backward (cuDNN's fused RNN does not). Per-stream output
+weights score every token with the full (B, T, V) log-distribution of its own stream.
 """
 from __future__ import annotations
 
@@ -86,7 +88,10 @@ class LSTMLM:
         meta-training), so per-stream layers must take the plain autograd loop."""
         c = self.cfg
         embed = embedding_dropout(params["embed"], c.dropout_emb if train else 0.0)
-        x = F.embedding(tokens, embed)  # (B, T, E)
+        if embed.dim() == 3:  # (B, V, E): each stream looks its tokens up in its own copy
+            x = embed[torch.arange(tokens.shape[0], device=tokens.device).unsqueeze(1), tokens]  # (B, T, E)
+        else:
+            x = F.embedding(tokens, embed)  # (B, T, E)
         x = locked_dropout(x, c.dropout_input, train)
         new_state = []
         for l in range(c.n_layers):
@@ -119,6 +124,8 @@ class LSTMLM:
 
     def nll(self, params: Params, out: Tensor, targets: Tensor) -> Tensor:
         """Per-token negative log-likelihood (B, T) of `targets` (B, T)."""
+        if self.per_stream_output(params):  # no shared kernel: each stream's own full distribution
+            return -self.log_probs(params, out).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         flat, tgt = out.reshape(-1, out.shape[-1]), targets.reshape(-1)
         if self.adaptive:
             sub = {k[len("adaptive."):]: v for k, v in params.items() if k.startswith("adaptive.")}
@@ -132,19 +139,24 @@ class LSTMLM:
         if not self.adaptive:
             return F.log_softmax(_upcast(self._logits(params, out)), dim=-1)
         a = self._adaptive
-        head = F.linear(out, params["adaptive.head.weight"], params.get("adaptive.head.bias"))
+        head = _linear(out, params["adaptive.head.weight"], params.get("adaptive.head.bias"))
         head = F.log_softmax(_upcast(head), dim=-1)
         parts = [head[..., : a.shortlist_size]]
         for i in range(a.n_clusters):
-            h = F.linear(out, params[f"adaptive.tail.{i}.0.weight"])
-            h = F.linear(h, params[f"adaptive.tail.{i}.1.weight"])
+            h = _linear(out, params[f"adaptive.tail.{i}.0.weight"])
+            h = _linear(h, params[f"adaptive.tail.{i}.1.weight"])
             parts.append(head[..., a.shortlist_size + i, None] + F.log_softmax(_upcast(h), dim=-1))
         return torch.cat(parts, dim=-1)
 
+    def per_stream_output(self, params: Params) -> bool:
+        """Whether any softmax weight comes with a leading stream dimension."""
+        names = [k for k in params if k.startswith("adaptive.")] if self.adaptive else ["embed", "proj", "out_bias"]
+        return any(k in params and params[k].dim() > (1 if k.endswith("bias") else 2) for k in names)
+
     def _logits(self, params, out):
         if "proj" in params:
-            out = F.linear(out, params["proj"])
-        return F.linear(out, params["embed"], params["out_bias"])
+            out = _linear(out, params["proj"])
+        return _linear(out, params["embed"], params["out_bias"])  # tied: the embedding is the softmax
 
 
 def _upcast(x: Tensor) -> Tensor:
@@ -157,6 +169,15 @@ def _bmm_or_mm(x: Tensor, w: Tensor) -> Tensor:
     if w.dim() == 2:
         return x @ w.t()
     return (x.reshape(x.shape[0], -1, x.shape[-1]) @ w.transpose(1, 2)).reshape(*x.shape[:-1], w.shape[1])
+
+
+def _linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
+    """F.linear with a shared w (out, in) / b (out,), or per-stream w (B, out, in) / b (B, out);
+    x (B, ..., in)."""
+    y = F.linear(x, w) if w.dim() == 2 else _bmm_or_mm(x, w)
+    if b is None:
+        return y
+    return y + (b if b.dim() == 1 else b.view(b.shape[0], *([1] * (y.dim() - 2)), b.shape[-1]))
 
 
 def lstm_layer_loop(x: Tensor, state, w_ih: Tensor, w_hh: Tensor, b: Tensor):

@@ -14,8 +14,9 @@ def locked_dropout(x: Tensor, p: float, train: bool) -> Tensor:
 
 
 def embedding_dropout(embed: Tensor, p: float) -> Tensor:
-    """Drop whole word types (rows of the embedding), rescaling the rest. embed (V, E)."""
+    """Drop whole word types (rows of the embedding), rescaling the rest. embed (V, E), or (B, V, E)
+    per stream: the same word types dropped in every stream."""
     if p <= 0:
         return embed
-    mask = embed.new_empty(embed.shape[0], 1).bernoulli_(1 - p) / (1 - p)  # (V, 1)
+    mask = embed.new_empty(embed.shape[-2], 1).bernoulli_(1 - p) / (1 - p)  # (V, 1)
     return embed * mask

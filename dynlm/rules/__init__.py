@@ -1,7 +1,7 @@
 """Update rules behind one interface (see base.Rule)."""
 from __future__ import annotations
 
-from ..config import ConfigError, RuleConfig
+from ..config import RuleConfig
 from .base import Rule, SGDRule, StaticRule
 from .dyneval import DynEvalRule, compute_grad_rms
 from .learned import LearnedRule
@@ -10,15 +10,14 @@ RULES = ("static", "sgd", "dyneval", "learned")
 
 
 def adapted_names(lm, cfg: RuleConfig, mode: str, params) -> list[str]:
-    """Which weights a rule rewrites: the LSTM weights of the chosen layers (dyneval may take all)."""
+    """Which weights a rule rewrites: the LSTM weights of the chosen layers; dynamic evaluation with
+    rule.dyneval_all_weights adds every other weight (Krause et al.: embeddings and softmax too)."""
     if mode == "static":
         return []
+    lstm = lm.lstm_names(cfg.layers or None)
     if mode == "dyneval" and cfg.dyneval_all_weights:
-        # per-stream copies of the embeddings/softmax need a per-stream embedding lookup and softmax
-        # in the LM, which it does not have yet: say so instead of failing deep inside
-        raise ConfigError("rule.dyneval_all_weights=true is not supported yet (the LM takes per-stream "
-                          "copies of its LSTM weights only); use the default, LSTM weights only")
-    return lm.lstm_names(cfg.layers or None)
+        return [k for k in params if not k.startswith("lstm.") or k in lstm]
+    return lstm
 
 
 def make_rule(mode: str, cfg: RuleConfig, names: list[str], ms=None, learner_state=None) -> Rule:
