@@ -101,11 +101,14 @@ def cmd_experiment(args, extra):
     bad = [e for e in extra if not (e.startswith("--") and "=" in e and "." in e.split("=")[0])]
     if bad:
         raise ConfigError(f"unrecognised argument(s) {bad}; overrides look like --section.key=value")
+    if args.estimate and args.estimate_tflops <= 0:
+        raise ConfigError(f"--estimate-tflops must be > 0, got {args.estimate_tflops:g}")
     return run_experiments(args.name, args.scale, extra, data_dir=args.data_dir, dry_run=args.dry_run,
                            results_only=args.results, runs=Path(args.runs),
                            results_file=Path(args.results_file) if args.results_file else None,
                            readme=Path(args.readme) if args.readme else None,
-                           redo=[x.strip() for x in args.redo.split(",") if x.strip()] if args.redo else [])
+                           redo=[x.strip() for x in args.redo.split(",") if x.strip()] if args.redo else [],
+                           estimate_tflops=args.estimate_tflops if args.estimate else None)
 
 
 def cmd_bench(args, extra):
@@ -161,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "scale's default source")
     p.add_argument("--dry-run", action="store_true", help="print the stages and what each would do; run nothing")
     p.add_argument("--results", action="store_true", help="only regenerate RESULTS.md and README's table from the runs")
+    p.add_argument("--estimate", action="store_true",
+                   help="print the expected tokens/s and memory of its training stages at their configured sizes, "
+                        "extrapolated from short CPU runs of the real-size model; run nothing")
+    p.add_argument("--estimate-tflops", type=float, default=100.0, metavar="T",
+                   help="sustained matmul throughput assumed for --estimate's tokens/s (default 100 TFLOP/s: "
+                        "about 10%% of an H100/H200's dense bf16 peak, typical of LSTMs)")
     p.add_argument("--redo", metavar="STAGES", help="tune,evaluate: run these again even when done (evaluate then "
                                                     "says whether it reproduced the recorded numbers)")
     p.add_argument("--runs", default="runs", metavar="DIR",

@@ -47,7 +47,7 @@ from .train.meta import check_meta_config, metatrain
 from .train.setup import prepare_data
 from .train.static import check_train_config, train_static
 from .tune import MODE_AXES, TUNED_FILE, read_tuned, tune_checkpoint, tuned_in_effect
-from .experiments_registry import (BASES, CORPUS, EXPERIMENTS, EXPERIMENTS_DIR, META_FILES, README_FILE, REPO,
+from .experiments_registry import (WORD_VOCAB, BASES, CORPUS, EXPERIMENTS, EXPERIMENTS_DIR, META_FILES, README_FILE, REPO,
                                    RESULTS_FILE, SCALES, SPLIT, Arm, Experiment, at_scale, get_experiment)
 
 RECORD = "runner.json"  # what the runner wrote next to a stage's outputs: its key, commit, command
@@ -679,6 +679,23 @@ class ExperimentRunner:
             lines.append(f"  {i}. {s.kind:<9} {s.label}{budget}\n       {status}: {what}")
         return "\n".join(lines)
 
+    def estimate_text(self, tflops: float) -> str:
+        """Expected cost of the base model's training and of every arm's meta-training at their
+        configured sizes, extrapolated from short runs of the real-size model (see cost.py)."""
+        from .cost import format_costs, meta_training_cost, static_training_cost
+        static = self.configs.static
+        vocab = static.data.sp_vocab_size if static.data.tokenizer == "sentencepiece" else WORD_VOCAB[self.scale]
+        costs = [static_training_cost(static, vocab)]
+        seen = set()
+        for ac in self.configs.arms if self.exp.learner else ():
+            cost = meta_training_cost(ac.cfg, vocab)
+            if cost["stage"] not in seen:
+                seen.add(cost["stage"])
+                costs.append({**cost, "stage": f"arm {ac.arm.name}: {cost['stage']}"})
+        return (f"experiment {self.exp.name} at {self.scale} scale ({CORPUS[self.scale]}, vocabulary {vocab:,}): "
+                f"expected cost per training step, extrapolated from short CPU runs of the real-size model\n\n"
+                + format_costs(costs, tflops))
+
     def run(self) -> None:
         print(self.plan_text(), flush=True)
         for s in self.stages():
@@ -881,8 +898,9 @@ def experiment_command(name: str, scale: str, data_dir: str | None, overrides: l
 def run_experiments(name: str | None, scale: str = "cpu", overrides: list[str] = (), data_dir: str | None = None,
                     dry_run: bool = False, results_only: bool = False, runs: Path = Path("runs"),
                     results_file: Path | None = RESULTS_FILE, readme: Path | None = README_FILE,
-                    redo: list[str] = ()) -> int:
-    """`dynlm experiment`: plan (--dry-run) or run one experiment, or `all` in registry order; returns
+                    redo: list[str] = (), estimate_tflops: float | None = None) -> int:
+    """`dynlm experiment`: plan (--dry-run), estimate the cost of (--estimate), or run one experiment, or
+    `all` in registry order; returns
     the exit code (128 + signal when a training stage was stopped, resumable by running it again)."""
     if results_only:
         write_results(runs, results_file, readme)
@@ -896,6 +914,9 @@ def run_experiments(name: str | None, scale: str = "cpu", overrides: list[str] =
                                 experiment_command(n, scale, data_dir, user, runs), results_file, readme, redo)
                for n in names]  # every config is validated before anything runs
     for runner in runners:
+        if estimate_tflops:
+            print(runner.estimate_text(estimate_tflops) + "\n", flush=True)
+            continue
         if dry_run:
             print(runner.plan_text() + "\n")
             continue

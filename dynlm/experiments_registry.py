@@ -14,6 +14,7 @@ RESULTS_FILE = EXPERIMENTS_DIR / "RESULTS.md"
 README_FILE = REPO / "README.md"
 SCALES = ("cpu", "paper")
 CORPUS = {"cpu": "WikiText-2", "paper": "WikiText-103"}
+WORD_VOCAB = {"cpu": 33_278, "paper": 267_735}  # WikiText-2 / WikiText-103 word vocabularies (with <eos>)
 SPLIT = "valid"  # every experiment reports validation perplexity; test stays untouched
 BASELINES = ("sgd", "dyneval", "cache")
 

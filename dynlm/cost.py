@@ -1,0 +1,169 @@
+"""Expected cost of an experiment's training stages at their configured sizes, extrapolated from a
+short run: `dynlm experiment NAME --scale paper --estimate`.
+
+The paper-scale stages need a GPU this project may not have, so their cost is measured where it can
+be, on a short run of the real-size model on CPU, and scaled to the configured batch and lengths:
+
+- compute: matmul FLOPs counted by `torch.utils.flop_counter.FlopCounterMode` on short runs (parts
+  per token, per stream and shared, fitted exactly), scaled to the configured sizes, and
+  turned into tokens/s at an assumed sustained GPU throughput (`--estimate-tflops`); elementwise
+  work (the learned update, the optimizer) is memory-bound and not in the count;
+- memory: the bytes autograd saves for backward (every saved tensor's storage, counted once), on the
+  same runs, plus weights, gradients and optimizer state; float32 (bf16 autocast keeps
+  some activations at half that: an upper bound). A checkpointed meta-step keeps each chunk step's
+  inputs (every stream's fast weights, rule state, hidden state and inner gradient) plus one step's
+  activations while it is recomputed.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from .config import Config
+from .data.streams import Chunk
+from .model import LSTMLM
+from .rules import adapted_names, make_rule
+from .unroll import chunk_step, start_reader
+
+GIB = 2**30
+PROBE_LENGTHS = (4, 8)  # tokens per stream in the two short runs the linear fits go through
+
+
+@dataclass
+class Measured:
+    flops: float  # matmul FLOPs, forward + backward
+    saved_bytes: int  # what autograd keeps for backward
+
+
+def measure(fn) -> Measured:
+    """FLOPs and saved-for-backward bytes of fn() (which runs a forward and its backward)."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        if t.device.type != "meta":
+            s = t.untyped_storage()
+            storages[s.data_ptr()] = max(storages.get(s.data_ptr(), 0), s.nbytes())
+        return t
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return Measured(float(counter.get_total_flops()), sum(storages.values()))
+
+
+def _tokens(batch: int, length: int, vocab: int, seed: int = 0) -> Chunk:
+    g = torch.Generator().manual_seed(seed)
+    tok = torch.randint(0, vocab, (batch, length + 1), generator=g)
+    return Chunk(tok[:, :-1], tok[:, 1:], torch.ones(batch, length, dtype=torch.bool),
+                 torch.zeros(batch, dtype=torch.bool), torch.zeros(batch, length, dtype=torch.long),
+                 torch.arange(length).expand(batch, length))
+
+
+def _per_token(short: Measured, long: Measured) -> Measured:
+    span = PROBE_LENGTHS[1] - PROBE_LENGTHS[0]
+    return Measured((long.flops - short.flops) / span, int((long.saved_bytes - short.saved_bytes) / span))
+
+
+def _minus(a: Measured, b: Measured, times: float = 1.0) -> Measured:
+    return Measured(max(0.0, a.flops - times * b.flops), max(0, int(a.saved_bytes - times * b.saved_bytes)))
+
+
+def static_training_cost(cfg: Config, vocab: int) -> dict:
+    """One static training step of train.batch_size x train.bptt tokens (AdamW, fp32 master weights)."""
+    lm = LSTMLM(cfg.model, vocab)
+    params = {k: v.requires_grad_() for k, v in lm.init_params(seed=0).items()}
+
+    def step(length: int) -> Measured:
+        def run():
+            chunk = _tokens(1, length, vocab)
+            # the LSTM weights as one stream's copy: the same matmuls, written as ops the counter sees
+            # (the fused nn.LSTM kernel is opaque to it)
+            weights = {**params, **{k: params[k].unsqueeze(0) for k in lm.lstm_names()}}
+            out, _ = lm.hidden(weights, chunk.inputs, lm.init_state(1), train=True)
+            lm.nll(weights, out, chunk.targets).mean().backward()
+        return measure(run)
+
+    short, long = (step(n) for n in PROBE_LENGTHS)
+    per_token = _per_token(short, long)
+    shared = _minus(short, per_token, PROBE_LENGTHS[0])  # weights saved once per step, whatever the batch
+    n_params = sum(p.numel() for p in params.values())
+    tokens = cfg.train.batch_size * cfg.train.bptt
+    return {"stage": "static training", "n_params": n_params, "tokens_per_step": tokens,
+            "flops_per_token": per_token.flops + shared.flops / tokens,
+            "memory_bytes": 16 * n_params + shared.saved_bytes + per_token.saved_bytes * tokens,
+            "memory_note": "weights + grads + AdamW moments (fp32) + saved activations"}
+
+
+def meta_training_cost(cfg: Config, vocab: int) -> dict:
+    """One meta-step: meta.batch_size streams x meta.unroll chunk steps of meta.chunk tokens. Unrolls of
+    1 and 2 steps are measured at (1 stream, 4 tokens), (1, 8) and (2, 4): a part per token, one per
+    stream (its weight copies) and one shared by all streams and steps (the static weights, saved once)."""
+    m = cfg.meta
+    rule_cfg = copy.deepcopy(cfg.rule)
+    rule_cfg.compile = False  # compilation changes neither the FLOPs nor what is saved
+    lm = LSTMLM(cfg.model, vocab)
+    params = lm.init_params(seed=0)
+    names = adapted_names(lm, rule_cfg, "learned", params)
+    rule = make_rule("learned", rule_cfg, names)
+    theta0 = {k: params[k] for k in names}
+    static = {k: v for k, v in params.items() if k not in names}
+    carried = {}
+
+    def unroll(streams: int, length: int, k: int) -> Measured:
+        def run():
+            reader, loss = start_reader(lm, theta0, rule, names, streams, "cpu"), 0.0
+            for i in range(k):
+                nll, reader, _ = chunk_step(lm, {**static, **theta0}, theta0, rule, reader,
+                                            _tokens(streams, length, vocab, seed=i), meta=True,
+                                            second_order=m.second_order)
+                loss = loss + nll.mean()
+            loss.backward()
+            # what a checkpointed step keeps per stream: its inputs, and the inner gradient (fast weights' size)
+            state = [*reader.fast.values(), *reader.rule_state.values(), *[t for hc in reader.hidden for t in hc]]
+            carried[streams] = (sum(t.nbytes for t in state) + sum(t.nbytes for t in reader.fast.values())) / streams
+        return measure(run)
+
+    def parts(cost) -> tuple[Measured, Measured, Measured]:
+        """(per token, per stream, shared) parts of a cost measured at (1, 4), (1, 8) and (2, 4)."""
+        short, long, two = cost(1, PROBE_LENGTHS[0]), cost(1, PROBE_LENGTHS[1]), cost(2, PROBE_LENGTHS[0])
+        per_token = _per_token(short, long)
+        per_stream = _minus(_minus(two, short), per_token, PROBE_LENGTHS[0])
+        return per_token, per_stream, _minus(_minus(short, per_stream), per_token, PROBE_LENGTHS[0])
+
+    # a chunk step inside an unroll (K=2 minus K=1): its forward, inner gradient and update, and the
+    # backward through all of them (in second order, through the inner gradient too)
+    step_token, step_stream, step_shared = parts(lambda b, n: _minus(unroll(b, n, 2), unroll(b, n, 1)))
+    _, _, shared = parts(lambda b, n: unroll(b, n, 1))  # the static weights, saved once
+    per_stream_step = Measured(step_stream.flops + step_token.flops * m.chunk,
+                               int(step_stream.saved_bytes + step_token.saved_bytes * m.chunk))
+    step_bytes = per_stream_step.saved_bytes
+    steps = m.batch_size * m.unroll
+    weights = 4 * sum(p.numel() for p in params.values()) + 16 * sum(p.numel() for p in rule.parameters())
+    if m.theta0_lr > 0:
+        weights += 12 * sum(theta0[k].numel() for k in names)
+    activations = shared.saved_bytes + (step_bytes * m.batch_size + carried[1] * steps if m.checkpoint
+                                        else step_bytes * steps)
+    flops = per_stream_step.flops * steps + step_shared.flops * m.unroll
+    flops *= 4 / 3 if m.checkpoint else 1.0  # a checkpoint runs each forward twice (forward ~ 1/3 of fwd + bwd)
+    tokens = steps * m.chunk
+    return {"stage": f"meta-training ({'second' if m.second_order else 'first'}-order, K={m.unroll}"
+                     f"{', checkpointed' if m.checkpoint else ''})",
+            "n_params": sum(p.numel() for p in params.values()), "tokens_per_step": tokens,
+            "flops_per_token": flops / tokens, "memory_bytes": weights + activations,
+            "memory_note": ("weights + each chunk step's inputs per stream (fast weights, rule state, hidden, inner "
+                            "gradient) + one step's activations" if m.checkpoint else
+                            "weights + every chunk step's saved activations and weight copies")}
+
+
+def format_costs(costs: list[dict], tflops: float) -> str:
+    lines = [f"| stage | parameters | tokens/step | GFLOP/token | expected tokens/s at {tflops:g} TFLOP/s | "
+             "expected memory (GiB) |", "|---|---|---|---|---|---|"]
+    for c in costs:
+        tps = tflops * 1e12 / c["flops_per_token"]
+        lines.append(f"| {c['stage']} | {c['n_params'] / 1e6:.1f}M | {c['tokens_per_step']:,} | "
+                     f"{c['flops_per_token'] / 1e9:.3g} | {tps:,.0f} | {c['memory_bytes'] / GIB:.1f} |")
+    notes = sorted({f"- {c['stage']}: memory = {c['memory_note']}" for c in costs})
+    return "\n".join(lines + [""] + notes)
