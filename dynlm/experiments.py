@@ -300,14 +300,19 @@ class Stage:
     budget: str = ""
 
 
+DIRTY_PATHS = ("dynlm", "experiments/*.yaml", "pyproject.toml")  # what the numbers depend on (not the docs
+# and not RESULTS.md, which the runner itself rewrites)
+
+
 def git_commit() -> str:
-    """HEAD of the repository, '+dirty' when tracked files have uncommitted changes."""
+    """HEAD of the repository, '+dirty' when its code or experiment files have uncommitted changes."""
     try:
         head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short=12", "HEAD"], capture_output=True,
                               text=True, timeout=20)
         if head.returncode:
             return "unknown"
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no", "--",
+                                *DIRTY_PATHS],
                                capture_output=True, text=True, timeout=20).stdout.strip()
         return head.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
