@@ -22,6 +22,7 @@ is cheap, an interrupted one continues where it stopped, and the ablations share
 from __future__ import annotations
 
 import copy
+import csv
 import hashlib
 import json
 import os
@@ -36,6 +37,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+import pyarrow.parquet as pq
 import torch
 import yaml
 
@@ -43,6 +45,7 @@ from .checkpoint import flatten_config, latest_checkpoint, load_checkpoint
 from .config import Config, ConfigError, load_config, to_dict
 from .run_eval import check_modes, evaluate_checkpoint, params_fingerprint
 from .report import check_config as check_report_config
+from .report import render_report
 from .train.meta import check_meta_config, metatrain
 from .train.setup import prepare_data
 from .train.static import check_train_config, train_static
@@ -360,6 +363,29 @@ def _budget(minutes: float, steps: int = 0, epochs: int = 0) -> str:
     return f"{steps} steps" if steps else (f"{epochs} epochs" if epochs else "")
 
 
+def take_modes(src: Path, out: Path, modes: list[str], report_cfg) -> None:
+    """An evaluation directory holding only `modes` of the evaluation in `src` (same tokens, same
+    numbers), its report rendered again for them."""
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    summary = _read_json(src / "summary.json")
+    summary["modes"] = {m: v for m, v in summary["modes"].items() if m in modes}
+    _write_json(out / "summary.json", summary)
+    for name in ("per_article.csv", "drift.csv"):  # one row per mode and article / position
+        if (src / name).is_file():
+            with open(src / name, newline="") as f:
+                rows = list(csv.DictReader(f))
+            if rows:
+                with open(out / name, "w", newline="") as f:
+                    w = csv.DictWriter(f, fieldnames=list(rows[0]))
+                    w.writeheader()
+                    w.writerows(r for r in rows if r["mode"] in modes)
+    table = pq.read_table(src / "tokens.parquet")
+    keep = [c for c in table.column_names if not c.startswith("nll_") or c.removeprefix("nll_") in modes]
+    pq.write_table(table.select(keep), out / "tokens.parquet")
+    render_report(out, report_cfg)
+
+
 REDOABLE = ("tune", "evaluate")  # stages --redo may repeat in place (training stages own their run dirs)
 
 
@@ -608,6 +634,24 @@ class ExperimentRunner:
                     return other
             return None
 
+        def superset_elsewhere(ckpt: Path, cfg: Config) -> Path | None:
+            """Another experiment's evaluation of the same base weights, settings and articles with more
+            modes (the baselines inside 2-level): without `learned`, the learner is not read, so this
+            evaluation is those modes' results, taken out of it rather than computed again."""
+            if "evaluate" in self.redo or "learned" in self.exp.modes or not ckpt.is_file():
+                return None
+            key, own = self.eval_key(ckpt, cfg), self.eval_dir(ac).resolve()
+            settings = {k: v for k, v in key.items() if k not in ("weights", "modes")}
+            base = weights_fingerprint(ckpt, with_learner=False)
+            for record_path in sorted(self.root.glob(f"*/*/eval_{SPLIT}/{RECORD}")):
+                other = (_read_json(record_path) or {}).get("key") or {}
+                if (record_path.parent.resolve() != own and (record_path.parent / "summary.json").is_file()
+                        and {k: v for k, v in other.items() if k not in ("weights", "modes")} == settings
+                        and set(self.exp.modes) <= set(other.get("modes", ()))
+                        and str(other.get("weights", "")).split("+")[0] == base):
+                    return record_path.parent
+            return None
+
         def check():
             ckpt, cfg, _, done = state()
             out = self.eval_dir(ac)
@@ -616,6 +660,9 @@ class ExperimentRunner:
             other = same_elsewhere(ckpt, cfg)
             if other:
                 return False, f"copy {other} (same weights, modes and settings) -> {out}"
+            other = superset_elsewhere(ckpt, cfg)
+            if other:
+                return False, f"take {', '.join(self.exp.modes)} out of {other} (same base weights and settings) -> {out}"
             return False, f"evaluate {ckpt} -> {out}"
 
         def run():
@@ -625,6 +672,13 @@ class ExperimentRunner:
             if other:  # its record (commit, command, time) stays with the copied numbers
                 shutil.rmtree(out, ignore_errors=True)
                 shutil.copytree(other, out)
+                (out.parent / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+                return
+            other = superset_elsewhere(ckpt, cfg)
+            if other:
+                take_modes(other, out, list(self.exp.modes), cfg.report)
+                record = _read_json(other / RECORD)
+                _write_json(out / RECORD, {**record, "key": self.eval_key(ckpt, cfg), "taken_from": str(other)})
                 (out.parent / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
                 return
             previous = _read_json(out / "summary.json") if "evaluate" in self.redo else None
