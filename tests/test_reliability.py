@@ -155,7 +155,16 @@ def test_sigterm_saves_exits_cleanly_and_resume_continues(tmp_path, reference, c
     assert_same_final_metrics(reference, run)
 
 
-def test_sigint_in_process_saves_and_resumes_exactly(tmp_path, reference, cache_dir, monkeypatch):
+@pytest.fixture
+def default_sigint():
+    """Python's own Ctrl-C handler for the test: a shell starting pytest in the background (`cmd &`)
+    hands it SIGINT ignored, and a handler restores what it found."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_sigint_in_process_saves_and_resumes_exactly(default_sigint, tmp_path, reference, cache_dir, monkeypatch):
     import dynlm.train.static as static
 
     overrides = TINY + LONG + [f"data.cache_dir={cache_dir}"]
@@ -177,7 +186,7 @@ def test_sigint_in_process_saves_and_resumes_exactly(tmp_path, reference, cache_
     assert_same_final_metrics(reference, run)
 
 
-def test_stop_on_signals_flag_and_second_signal():
+def test_stop_on_signals_flag_and_second_signal(default_sigint):
     previous = signal.getsignal(signal.SIGINT)
     with StopOnSignals() as stop:
         assert not stop and stop.exit_code == 0
