@@ -101,14 +101,15 @@ def cmd_experiment(args, extra):
     bad = [e for e in extra if not (e.startswith("--") and "=" in e and "." in e.split("=")[0])]
     if bad:
         raise ConfigError(f"unrecognised argument(s) {bad}; overrides look like --section.key=value")
-    if args.estimate and args.estimate_tflops <= 0:
-        raise ConfigError(f"--estimate-tflops must be > 0, got {args.estimate_tflops:g}")
+    if args.estimate and (args.estimate_tflops <= 0 or args.estimate_bandwidth <= 0):
+        raise ConfigError(f"--estimate-tflops and --estimate-bandwidth must be > 0, got {args.estimate_tflops:g} "
+                          f"and {args.estimate_bandwidth:g}")
     return run_experiments(args.name, args.scale, extra, data_dir=args.data_dir, dry_run=args.dry_run,
                            results_only=args.results, runs=Path(args.runs),
                            results_file=Path(args.results_file) if args.results_file else None,
                            readme=Path(args.readme) if args.readme else None,
                            redo=[x.strip() for x in args.redo.split(",") if x.strip()] if args.redo else [],
-                           estimate_tflops=args.estimate_tflops if args.estimate else None)
+                           estimate=(args.estimate_tflops, args.estimate_bandwidth) if args.estimate else None)
 
 
 def cmd_bench(args, extra):
@@ -170,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--estimate-tflops", type=float, default=100.0, metavar="T",
                    help="sustained matmul throughput assumed for --estimate's tokens/s (default 100 TFLOP/s: "
                         "about 10%% of an H100/H200's dense bf16 peak, typical of LSTMs)")
+    p.add_argument("--estimate-bandwidth", type=float, default=3.0, metavar="TB_S",
+                   help="sustained memory bandwidth assumed for --estimate's tokens/s (default 3 TB/s: about 60%% "
+                        "of an H200's 4.8 TB/s)")
     p.add_argument("--redo", metavar="STAGES", help="tune,evaluate: run these again even when done (evaluate then "
                                                     "says whether it reproduced the recorded numbers)")
     p.add_argument("--runs", default="runs", metavar="DIR",

@@ -6,8 +6,11 @@ be, on a short run of the real-size model on CPU, and scaled to the configured b
 
 - compute: matmul FLOPs counted by `torch.utils.flop_counter.FlopCounterMode` on short runs (parts
   per token, per stream and shared, fitted exactly), scaled to the configured sizes, and
-  turned into tokens/s at an assumed sustained GPU throughput (`--estimate-tflops`); elementwise
-  work (the learned update, the optimizer) is memory-bound and not in the count;
+  turned into tokens/s at an assumed sustained GPU throughput (`--estimate-tflops`);
+- memory traffic: the bytes every op reads and writes (views excluded), counted on the same runs,
+  turned into tokens/s at an assumed sustained bandwidth (`--estimate-bandwidth`). Per-stream fast
+  weights make meta-training memory-bound: each stream reads its own recurrent matrices at every
+  token and nothing is shared across the batch; the estimate is the slower of the two;
 - memory: the bytes autograd saves for backward (every saved tensor's storage, counted once), on the
   same runs, plus weights, gradients and optimizer state; float32 (bf16 autocast keeps
   some activations at half that: an upper bound). A checkpointed meta-step keeps each chunk step's
@@ -20,6 +23,8 @@ import copy
 from dataclasses import dataclass
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from .config import Config
@@ -36,10 +41,34 @@ PROBE_LENGTHS = (4, 8)  # tokens per stream in the two short runs the linear fit
 class Measured:
     flops: float  # matmul FLOPs, forward + backward
     saved_bytes: int  # what autograd keeps for backward
+    traffic_bytes: float = 0.0  # what the ops read and write
+
+
+def _bytes(t: torch.Tensor) -> int:
+    """What reading t moves: its elements, but no more than its storage (a stride-0 expand reads the base)."""
+    return min(t.nbytes, t.untyped_storage().nbytes())
+
+
+class TrafficCounter(TorchDispatchMode):
+    """Sums the bytes of every op's tensor inputs and outputs; a view (an output sharing an input's
+    storage) moves nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        ins = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.device.type != "meta"]
+        outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.device.type != "meta"]
+        storages = {t.untyped_storage().data_ptr() for t in ins}
+        if not (outs and all(t.untyped_storage().data_ptr() in storages for t in outs)):  # not a view
+            self.bytes += sum(_bytes(t) for t in ins) + sum(_bytes(t) for t in outs)
+        return out
 
 
 def measure(fn) -> Measured:
-    """FLOPs and saved-for-backward bytes of fn() (which runs a forward and its backward)."""
+    """FLOPs, saved-for-backward bytes and memory traffic of fn() (a forward and its backward)."""
     storages: dict[int, int] = {}
 
     def pack(t: torch.Tensor):
@@ -48,10 +77,10 @@ def measure(fn) -> Measured:
             storages[s.data_ptr()] = max(storages.get(s.data_ptr(), 0), s.nbytes())
         return t
 
-    counter = FlopCounterMode(display=False)
-    with counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    counter, traffic = FlopCounterMode(display=False), TrafficCounter()
+    with counter, traffic, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
-    return Measured(float(counter.get_total_flops()), sum(storages.values()))
+    return Measured(float(counter.get_total_flops()), sum(storages.values()), float(traffic.bytes))
 
 
 def _tokens(batch: int, length: int, vocab: int, seed: int = 0) -> Chunk:
@@ -64,11 +93,13 @@ def _tokens(batch: int, length: int, vocab: int, seed: int = 0) -> Chunk:
 
 def _per_token(short: Measured, long: Measured) -> Measured:
     span = PROBE_LENGTHS[1] - PROBE_LENGTHS[0]
-    return Measured((long.flops - short.flops) / span, int((long.saved_bytes - short.saved_bytes) / span))
+    return Measured((long.flops - short.flops) / span, int((long.saved_bytes - short.saved_bytes) / span),
+                    (long.traffic_bytes - short.traffic_bytes) / span)
 
 
 def _minus(a: Measured, b: Measured, times: float = 1.0) -> Measured:
-    return Measured(max(0.0, a.flops - times * b.flops), max(0, int(a.saved_bytes - times * b.saved_bytes)))
+    return Measured(max(0.0, a.flops - times * b.flops), max(0, int(a.saved_bytes - times * b.saved_bytes)),
+                    max(0.0, a.traffic_bytes - times * b.traffic_bytes))
 
 
 def static_training_cost(cfg: Config, vocab: int) -> dict:
@@ -93,6 +124,7 @@ def static_training_cost(cfg: Config, vocab: int) -> dict:
     tokens = cfg.train.batch_size * cfg.train.bptt
     return {"stage": "static training", "n_params": n_params, "tokens_per_step": tokens,
             "flops_per_token": per_token.flops + shared.flops / tokens,
+            "traffic_per_token": per_token.traffic_bytes + shared.traffic_bytes / tokens,
             "memory_bytes": 16 * n_params + shared.saved_bytes + per_token.saved_bytes * tokens,
             "memory_note": "weights + grads + AdamW moments (fp32) + saved activations"}
 
@@ -138,7 +170,8 @@ def meta_training_cost(cfg: Config, vocab: int) -> dict:
     step_token, step_stream, step_shared = parts(lambda b, n: _minus(unroll(b, n, 2), unroll(b, n, 1)))
     _, _, shared = parts(lambda b, n: unroll(b, n, 1))  # the static weights, saved once
     per_stream_step = Measured(step_stream.flops + step_token.flops * m.chunk,
-                               int(step_stream.saved_bytes + step_token.saved_bytes * m.chunk))
+                               int(step_stream.saved_bytes + step_token.saved_bytes * m.chunk),
+                               step_stream.traffic_bytes + step_token.traffic_bytes * m.chunk)
     step_bytes = per_stream_step.saved_bytes
     steps = m.batch_size * m.unroll
     weights = 4 * sum(p.numel() for p in params.values()) + 16 * sum(p.numel() for p in rule.parameters())
@@ -146,24 +179,29 @@ def meta_training_cost(cfg: Config, vocab: int) -> dict:
         weights += 12 * sum(theta0[k].numel() for k in names)
     activations = shared.saved_bytes + (step_bytes * m.batch_size + carried[1] * steps if m.checkpoint
                                         else step_bytes * steps)
-    flops = per_stream_step.flops * steps + step_shared.flops * m.unroll
-    flops *= 4 / 3 if m.checkpoint else 1.0  # a checkpoint runs each forward twice (forward ~ 1/3 of fwd + bwd)
+    recompute = 4 / 3 if m.checkpoint else 1.0  # a checkpoint runs each forward twice (forward ~ 1/3 of fwd + bwd)
+    flops = (per_stream_step.flops * steps + step_shared.flops * m.unroll) * recompute
+    traffic = (per_stream_step.traffic_bytes * steps + step_shared.traffic_bytes * m.unroll) * recompute
     tokens = steps * m.chunk
     return {"stage": f"meta-training ({'second' if m.second_order else 'first'}-order, K={m.unroll}"
                      f"{', checkpointed' if m.checkpoint else ''})",
             "n_params": sum(p.numel() for p in params.values()), "tokens_per_step": tokens,
-            "flops_per_token": flops / tokens, "memory_bytes": weights + activations,
+            "flops_per_token": flops / tokens, "traffic_per_token": traffic / tokens,
+            "memory_bytes": weights + activations,
             "memory_note": ("weights + each chunk step's inputs per stream (fast weights, rule state, hidden, inner "
                             "gradient) + one step's activations" if m.checkpoint else
                             "weights + every chunk step's saved activations and weight copies")}
 
 
-def format_costs(costs: list[dict], tflops: float) -> str:
-    lines = [f"| stage | parameters | tokens/step | GFLOP/token | expected tokens/s at {tflops:g} TFLOP/s | "
-             "expected memory (GiB) |", "|---|---|---|---|---|---|"]
+def format_costs(costs: list[dict], tflops: float, bandwidth_tb_s: float) -> str:
+    lines = [f"| stage | parameters | tokens/step | GFLOP/token | MB moved/token | expected tokens/s at {tflops:g} TFLOP/s "
+             f"and {bandwidth_tb_s:g} TB/s | bound by | expected memory (GiB) |", "|---|---|---|---|---|---|---|---|"]
     for c in costs:
-        tps = tflops * 1e12 / c["flops_per_token"]
+        by_compute = tflops * 1e12 / c["flops_per_token"]
+        by_traffic = bandwidth_tb_s * 1e12 / c["traffic_per_token"] if c["traffic_per_token"] else float("inf")
         lines.append(f"| {c['stage']} | {c['n_params'] / 1e6:.1f}M | {c['tokens_per_step']:,} | "
-                     f"{c['flops_per_token'] / 1e9:.3g} | {tps:,.0f} | {c['memory_bytes'] / GIB:.1f} |")
+                     f"{c['flops_per_token'] / 1e9:.3g} | {c['traffic_per_token'] / 1e6:,.0f} | "
+                     f"{min(by_compute, by_traffic):,.0f} | {'compute' if by_compute <= by_traffic else 'memory traffic'} "
+                     f"| {c['memory_bytes'] / GIB:.1f} |")
     notes = sorted({f"- {c['stage']}: memory = {c['memory_note']}" for c in costs})
     return "\n".join(lines + [""] + notes)

@@ -738,7 +738,7 @@ class ExperimentRunner:
             lines.append(f"  {i}. {s.kind:<9} {s.label}{budget}\n       {status}: {what}")
         return "\n".join(lines)
 
-    def estimate_text(self, tflops: float) -> str:
+    def estimate_text(self, tflops: float, bandwidth_tb_s: float) -> str:
         """Expected cost of the base model's training and of every arm's meta-training at their
         configured sizes, extrapolated from short runs of the real-size model (see cost.py)."""
         from .cost import format_costs, meta_training_cost, static_training_cost
@@ -753,7 +753,7 @@ class ExperimentRunner:
                 costs.append({**cost, "stage": f"arm {ac.arm.name}: {cost['stage']}"})
         return (f"experiment {self.exp.name} at {self.scale} scale ({CORPUS[self.scale]}, vocabulary {vocab:,}): "
                 f"expected cost per training step, extrapolated from short CPU runs of the real-size model\n\n"
-                + format_costs(costs, tflops))
+                + format_costs(costs, tflops, bandwidth_tb_s))
 
     def run(self) -> None:
         print(self.plan_text(), flush=True)
@@ -957,7 +957,7 @@ def experiment_command(name: str, scale: str, data_dir: str | None, overrides: l
 def run_experiments(name: str | None, scale: str = "cpu", overrides: list[str] = (), data_dir: str | None = None,
                     dry_run: bool = False, results_only: bool = False, runs: Path = Path("runs"),
                     results_file: Path | None = RESULTS_FILE, readme: Path | None = README_FILE,
-                    redo: list[str] = (), estimate_tflops: float | None = None) -> int:
+                    redo: list[str] = (), estimate: tuple[float, float] | None = None) -> int:
     """`dynlm experiment`: plan (--dry-run), estimate the cost of (--estimate), or run one experiment, or
     `all` in registry order; returns
     the exit code (128 + signal when a training stage was stopped, resumable by running it again)."""
@@ -973,8 +973,8 @@ def run_experiments(name: str | None, scale: str = "cpu", overrides: list[str] =
                                 experiment_command(n, scale, data_dir, user, runs), results_file, readme, redo)
                for n in names]  # every config is validated before anything runs
     for runner in runners:
-        if estimate_tflops:
-            print(runner.estimate_text(estimate_tflops) + "\n", flush=True)
+        if estimate:  # (TFLOP/s, TB/s) assumed sustained on the GPU
+            print(runner.estimate_text(*estimate) + "\n", flush=True)
             continue
         if dry_run:
             print(runner.plan_text() + "\n")

@@ -45,6 +45,18 @@ def test_memory_grows_with_the_batch_by_the_measured_activations():
     assert ckpt["flops_per_token"] > plain["flops_per_token"]  # the recomputed forward
 
 
+def test_per_stream_weights_make_meta_training_move_more_bytes_per_token():
+    vocab, cfg = 50, tiny_config(batch_size=8, bptt=10)
+    cfg.meta.batch_size, cfg.meta.unroll, cfg.meta.chunk, cfg.rule.compile = 8, 2, 10, False
+    static, meta = static_training_cost(cfg, vocab), meta_training_cost(cfg, vocab)
+    h, e = cfg.model.hidden_size, cfg.model.emb_size
+    w_hh = 4 * (4 * h * h) * 2  # both layers' recurrent matrices, float32
+    # each stream reads its own recurrent matrices at every token, forward and backward
+    assert meta["traffic_per_token"] >= 2 * w_hh
+    # shared weights are read once per batch: static training moves far fewer bytes per token
+    assert static["traffic_per_token"] < meta["traffic_per_token"] / 2
+
+
 def test_estimate_command_prints_every_arm(capsys):
     assert main(["experiment", "ablate-order", "--scale", "cpu", "--estimate"]) == 0
     out = capsys.readouterr().out
@@ -53,4 +65,6 @@ def test_estimate_command_prints_every_arm(capsys):
     assert set(rows) == {"static training", "arm first-order", "arm second-order"}
     gflop = {k: float(v[2]) for k, v in rows.items()}
     assert gflop["arm second-order"] > gflop["arm first-order"] > 0  # differentiating through the inner gradient
+    assert all(v[5] in ("compute", "memory traffic") for v in rows.values())
     assert main(["experiment", "1-level", "--estimate", "--estimate-tflops=0"]) == 2
+    assert main(["experiment", "1-level", "--estimate", "--estimate-bandwidth=-1"]) == 2
