@@ -96,7 +96,10 @@ def score(
 
 
 def perplexity(nll_sum: float, n: int) -> float:
-    return math.exp(nll_sum / n) if n else float("nan")
+    """exp(mean NLL); inf when that overflows (a rule whose weights diverged), not an OverflowError."""
+    if not n:
+        return float("nan")
+    return math.exp(nll_sum / n) if nll_sum / n < 709 else float("inf")
 
 
 def per_article_rows(mode: str, articles: list[Article], scores: TokenScores, per_word: bool) -> list[dict]:

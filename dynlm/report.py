@@ -32,6 +32,7 @@ from matplotlib.ticker import MaxNLocator
 
 from .config import ConfigError, ReportConfig
 from .data.errors import DataError
+from .evaluate import perplexity
 
 BLUE = (37, 99, 235)  # the mode predicted this token better than static
 RED = (220, 38, 38)  # ... worse
@@ -152,7 +153,7 @@ def per_article_results(eval_dir: Path, t: TokenTable) -> tuple[list[str], list[
     rows = []
     for mode, nll in t.nll.items():
         sums = np.add.reduceat(nll, t.starts[:-1])
-        rows += [[mode, a, title, int(k), float(s), math.exp(s / k)]
+        rows += [[mode, a, title, int(k), float(s), perplexity(float(s), int(k))]
                  for a, title, k, s in zip(t.article_ids, t.titles, n, sums)]
     return columns, rows
 
@@ -329,10 +330,10 @@ def _article_html(t: TokenTable, a: int, mode: str | None, cfg: ReportConfig) ->
     s, e = int(t.starts[a]), int(t.starts[a + 1])
     shown = min(e - s, cfg.html_max_tokens)
     static = t.nll["static"][s:e]
-    ppl_static = math.exp(float(static.mean()))
+    ppl_static = perplexity(float(static.sum()), e - s)
     meta = f"{e - s} tokens, static ppl {ppl_static:.2f}"
     if mode is not None:
-        ppl_mode = math.exp(float(t.nll[mode][s:e].mean()))
+        ppl_mode = perplexity(float(t.nll[mode][s:e].sum()), e - s)
         meta += f", {html.escape(mode)} ppl {ppl_mode:.2f} ({100 * (ppl_mode / ppl_static - 1):+.1f}%)"
     if shown < e - s:
         meta += f"; first {shown} tokens shown"

@@ -260,3 +260,19 @@ def test_sentencepiece_pieces_read_as_prose_and_long_articles_are_cut(tmp_path):
     texts = [text for _, _, text in parse_spans(path)["mode-0"]]
     assert texts == [" The", " cat", "s", " sat", "⏎", " The", " cat"]  # '▁' is a space; </s> a line end
     assert "first 7 tokens shown" in path.read_text()
+
+
+def test_a_diverged_mode_reports_infinite_perplexity_not_an_overflow(tmp_path):
+    """A rule whose weights blew up (e.g. dyneval on all weights at too large a rate) scores NLLs
+    whose exp overflows: perplexities are inf, and the report still renders."""
+    from dynlm.evaluate import perplexity
+    assert perplexity(2000.0, 2) == float("inf") and perplexity(10.0, 5) == pytest.approx(np.exp(2.0))
+    d = tmp_path / "eval"
+    cols = write_eval_dir(d, modes=("dyneval",))
+    table = pq.read_table(d / "tokens.parquet")
+    diverged = np.asarray(cols["nll_static"]) + 2000.0
+    pq.write_table(table.set_column(table.column_names.index("nll_dyneval"), "nll_dyneval", pa.array(diverged)),
+                   d / "tokens.parquet")
+    report = render_report(d)
+    assert (d / "heatmap.html").is_file() and "dyneval ppl inf" in (d / "heatmap.html").read_text()
+    assert report.files
