@@ -808,8 +808,10 @@ def collect_results(runs: Path) -> list[dict]:
 def _cell(modes: dict, mode: str) -> str:
     if mode not in modes:
         return ""
-    m, rel = modes[mode], modes[mode].get("rel_change_vs_static")
-    return f"{_ppl(m):.2f}" + (f" ({100 * rel:+.1f}%)" if rel is not None and mode != "static" else "")
+    m = modes[mode]
+    # the change of the perplexity shown (per word for sentencepiece), not of the per-token one
+    rel = _ppl(m) / _ppl(modes["static"]) - 1 if "static" in modes and mode != "static" else None
+    return f"{_ppl(m):.2f}" + (f" ({100 * rel:+.1f}%)" if rel is not None else "")
 
 
 def overview_table(records: list[dict], scale: str) -> str:
@@ -858,7 +860,7 @@ def experiment_section(r: dict) -> str:
             f"articles, which are among the evaluated ones." if r.get("tuned") else "")
     lines.append(f"Data: {r.get('data', '?')}. Base model: `{r['base']['run_dir']}` ({', '.join(r['base']['files'])}"
                  + (f"; {r['base']['progress']}" if r['base'].get("progress") else "") + ")." + tune)
-    lines += ["", "| arm | mode | valid ppl | per-word ppl | vs static | tokens/s | tokens | articles |",
+    lines += ["", "| arm | mode | valid ppl | per-word ppl | vs static (per token) | tokens/s | tokens | articles |",
               "|---|---|---|---|---|---|---|---|"]
     produced = []
     for arm in r["arms"]:
