@@ -77,7 +77,7 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
     Experiment("ablate-learner", "feed-forward vs recurrent meta-learner", ("static", "learned"),
                files=ABLATION_BUDGET, arms=(Arm("ff"), Arm("rnn", ("learner_rnn.yaml",)))),
     Experiment("ablate-order", "first- vs second-order meta-gradients", ("static", "learned"),
-               files=ABLATION_BUDGET, arms=(Arm("first-order"), Arm("second-order", ("second_order.yaml",)))),
+               files={"cpu": (*ABLATION_BUDGET["cpu"], "wt2_cpu_order.yaml"), "paper": ABLATION_BUDGET["paper"]}, arms=(Arm("first-order"), Arm("second-order", ("second_order.yaml",)))),
     Experiment("ablate-unroll", "unroll length K of the meta-gradient (same training tokens per arm at CPU scale)", ("static", "learned"),
                files=ABLATION_BUDGET, arms=(Arm("k1", {"cpu": ("unroll_1.yaml", "wt2_cpu_unroll_1.yaml"), "paper": ("unroll_1.yaml",)}),
                      Arm("k4", ("unroll_4.yaml",)),
