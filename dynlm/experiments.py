@@ -363,6 +363,10 @@ def _budget(minutes: float, steps: int = 0, epochs: int = 0) -> str:
     return f"{steps} steps" if steps else (f"{epochs} epochs" if epochs else "")
 
 
+def _without(d: dict, *keys: str) -> dict:
+    return {k: v for k, v in d.items() if k not in keys}
+
+
 def take_modes(src: Path, out: Path, modes: list[str], report_cfg) -> None:
     """An evaluation directory holding only `modes` of the evaluation in `src` (same tokens, same
     numbers), its report rendered again for them."""
@@ -622,17 +626,21 @@ class ExperimentRunner:
                     and record.get("key") == self.eval_key(ckpt, cfg))
             return ckpt, cfg, tuned, done
 
+        def others() -> list[tuple[Path, dict]]:
+            """(directory, recorded key) of every other experiment's finished evaluation."""
+            own, found = self.eval_dir(ac).resolve(), []
+            for record_path in sorted(self.root.glob(f"*/*/eval_{SPLIT}/{RECORD}")):
+                d = record_path.parent
+                if d.resolve() != own and (d / "summary.json").is_file():
+                    found.append((d, (_read_json(record_path) or {}).get("key") or {}))
+            return found
+
         def same_elsewhere(ckpt: Path, cfg: Config) -> Path | None:
             """Another experiment's evaluation with this key (the ablations share their reference arm)."""
             if "evaluate" in self.redo or not ckpt.is_file():
                 return None
-            key, own = self.eval_key(ckpt, cfg), self.eval_dir(ac).resolve()
-            for record_path in sorted(self.root.glob(f"*/*/eval_{SPLIT}/{RECORD}")):
-                other = record_path.parent
-                if other.resolve() != own and (other / "summary.json").is_file() \
-                        and (_read_json(record_path) or {}).get("key") == key:
-                    return other
-            return None
+            key = self.eval_key(ckpt, cfg)
+            return next((d for d, other in others() if other == key), None)
 
         def superset_elsewhere(ckpt: Path, cfg: Config) -> Path | None:
             """Another experiment's evaluation of the same base weights, settings and articles with more
@@ -640,17 +648,11 @@ class ExperimentRunner:
             evaluation is those modes' results, taken out of it rather than computed again."""
             if "evaluate" in self.redo or "learned" in self.exp.modes or not ckpt.is_file():
                 return None
-            key, own = self.eval_key(ckpt, cfg), self.eval_dir(ac).resolve()
-            settings = {k: v for k, v in key.items() if k not in ("weights", "modes")}
+            settings = _without(self.eval_key(ckpt, cfg), "weights", "modes")
             base = weights_fingerprint(ckpt, with_learner=False)
-            for record_path in sorted(self.root.glob(f"*/*/eval_{SPLIT}/{RECORD}")):
-                other = (_read_json(record_path) or {}).get("key") or {}
-                if (record_path.parent.resolve() != own and (record_path.parent / "summary.json").is_file()
-                        and {k: v for k, v in other.items() if k not in ("weights", "modes")} == settings
-                        and set(self.exp.modes) <= set(other.get("modes", ()))
-                        and str(other.get("weights", "")).split("+")[0] == base):
-                    return record_path.parent
-            return None
+            return next((d for d, other in others() if _without(other, "weights", "modes") == settings
+                         and set(self.exp.modes) <= set(other.get("modes", ()))
+                         and str(other.get("weights", "")).split("+")[0] == base), None)
 
         def check():
             ckpt, cfg, _, done = state()
