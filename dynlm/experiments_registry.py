@@ -73,7 +73,7 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
                "consolidation towards theta0", ("static", "learned"),
                files={"cpu": ("continuous.yaml", "wt2_cpu_3level.yaml"),
                       "paper": ("continuous.yaml", "wt103_paper_3level.yaml")},
-               arms=(Arm("ewc", ("ewc.yaml",)), Arm("no-ewc"))),
+               arms=(Arm("ewc", ("ewc.yaml",)), Arm("ewc-0.01", ("ewc.yaml", "ewc_0.01.yaml")), Arm("no-ewc"))),
     Experiment("ablate-learner", "feed-forward vs recurrent meta-learner", ("static", "learned"),
                files=ABLATION_BUDGET, arms=(Arm("ff"), Arm("rnn", ("learner_rnn.yaml",)))),
     Experiment("ablate-order", "first- vs second-order meta-gradients", ("static", "learned"),
