@@ -78,7 +78,8 @@ def cmd_tune(args, extra):
     cfg = _config(args, extra, base=ck["config"])
     modes = [m.strip() for m in args.modes.split(",") if m.strip()] if args.modes else cfg.tune.modes
     tune_checkpoint(ck, Path(args.checkpoint), cfg, modes, args.split or cfg.tune.split,
-                    cfg.tune.articles if args.articles is None else args.articles)
+                    cfg.tune.articles if args.articles is None else args.articles,
+                    cfg.tune.skip_articles if args.skip_articles is None else args.skip_articles)
 
 
 def cmd_report(args, extra):
@@ -147,7 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by `dynlm train` or `dynlm metatrain`")
     p.add_argument("--modes", help="comma-separated subset of sgd,dyneval,cache (default: tune.modes)")
-    p.add_argument("--articles", type=int, help="tune on the first N articles of the split, 0 = all (default: tune.articles)")
+    p.add_argument("--articles", type=int, help="tune on N articles of the split, 0 = all (default: tune.articles)")
+    p.add_argument("--skip-articles", type=int, metavar="N",
+                   help="leave out the split's first N articles, e.g. those an evaluation scores "
+                        "(default: tune.skip_articles, 0)")
     p.add_argument("--split", help="split to tune on (default: tune.split, i.e. valid)")
     p.set_defaults(func=cmd_tune)
 

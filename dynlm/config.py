@@ -110,12 +110,13 @@ class RuleConfig:
 
 @dataclass
 class TuneConfig:
-    """`dynlm tune`: grid search of the baselines' rule.* values on the first `articles` articles of
-    `split`. A best value on the edge of its grid extends that grid one step (up to `max_extensions`
+    """`dynlm tune`: grid search of the baselines' rule.* values on `articles` articles of `split`,
+    after the first `skip_articles` (skip the articles an evaluation scores, so they stay unseen). A best value on the edge of its grid extends that grid one step (up to `max_extensions`
     times per mode). Per-update rates (sgd_lr, dyneval_lr, dyneval_lamb) are given at
     `reference_segment_length` and scaled by eval.segment_length / reference_segment_length."""
     split: str = "valid"
-    articles: int = 10  # 0 = the whole split
+    articles: int = 10  # 0 = the rest of the split
+    skip_articles: int = 0
     modes: list[str] = field(default_factory=lambda: ["sgd", "dyneval", "cache"])
     reference_segment_length: int = 5  # Krause's LSTM segment length, where his grid below lives
     sgd_lr: list[float] = field(default_factory=lambda: [1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2])

@@ -22,7 +22,8 @@ def run_demo(cfg: Config, run_dir: Path) -> dict:
     baselines = [m for m in cfg.tune.modes if m in cfg.eval.modes]
     tuned = None
     if baselines:  # the baselines get their best shot, on validation articles
-        best = tune_checkpoint(ck, ckpt, cfg, baselines, cfg.tune.split, cfg.tune.articles)["best"]
+        best = tune_checkpoint(ck, ckpt, cfg, baselines, cfg.tune.split, cfg.tune.articles,
+                               cfg.tune.skip_articles)["best"]
         cfg = dataclasses.replace(cfg, rule=dataclasses.replace(cfg.rule, **best))
         tuned = tuned_in_effect(tuned_path(ckpt), ckpt, cfg)
     summary = evaluate_checkpoint(ck, ckpt, cfg, "test", cfg.eval.modes, run_dir / "eval_test", tuned=tuned)

@@ -49,7 +49,7 @@ from .report import render_report
 from .train.meta import check_meta_config, metatrain
 from .train.setup import prepare_data
 from .train.static import check_train_config, train_static
-from .tune import MODE_AXES, TUNED_FILE, read_tuned, tune_checkpoint, tuned_in_effect
+from .tune import MODE_AXES, TUNED_FILE, article_range, read_tuned, tune_checkpoint, tuned_in_effect
 from .experiments_registry import (WORD_VOCAB, BASES, CORPUS, EXPERIMENTS, EXPERIMENTS_DIR, META_FILES, README_FILE, REPO,
                                    RESULTS_FILE, SCALES, SPLIT, Arm, Experiment, at_scale, get_experiment)
 
@@ -467,7 +467,8 @@ class ExperimentRunner:
     def tune_key(self, ckpt: Path, cfg: Config, mode: str) -> dict:
         axes = MODE_AXES[mode]
         settings = _select(to_dict(cfg), ("data", "model", "eval.segment_length", "eval.batch_size", "eval.boundary",
-                                          "tune.split", "tune.articles", "tune.reference_segment_length",
+                                          "tune.split", "tune.articles", "tune.skip_articles",
+                                          "tune.reference_segment_length",
                                           "tune.max_extensions", *[f"tune.{a}" for a in axes], *BASELINE_RULE,
                                           "train.bf16"), ("data.cache_dir",))
         return {"weights": weights_fingerprint(ckpt, with_learner=False), "mode": mode, **settings}
@@ -603,7 +604,8 @@ class ExperimentRunner:
             target, missing = todo()
             ck = load_checkpoint(target)
             started = time.perf_counter()
-            result = tune_checkpoint(ck, target, ac.cfg, missing, ac.cfg.tune.split, ac.cfg.tune.articles)
+            t = ac.cfg.tune
+            result = tune_checkpoint(ck, target, ac.cfg, missing, t.split, t.articles, t.skip_articles)
             path = target.parent.parent / "tune" / RECORD
             records = _read_json(path) or {}
             for m in missing:
@@ -613,8 +615,9 @@ class ExperimentRunner:
             _write_json(path, records)
 
         t = ac.cfg.tune
-        return Stage("tune", f"{', '.join(modes)} on the first {t.articles or 'all'} {t.split} articles, segment "
-                             f"length {ac.cfg.eval.segment_length}", check, run)
+        where = article_range(t.skip_articles, t.articles) if t.articles else f"articles after the first {t.skip_articles}"
+        return Stage("tune", f"{', '.join(modes)} on {t.split} {where}, segment length {ac.cfg.eval.segment_length}",
+                     check, run)
 
     def _eval_stage(self, ac: ArmConfig) -> Stage:
         def state() -> tuple[Path, Config, dict | None, bool]:
@@ -721,6 +724,7 @@ class ExperimentRunner:
             "experiment": self.exp.name, "title": self.exp.title, "scale": self.scale, "corpus": CORPUS[self.scale],
             "command": self.command, "updated": _now(), "commit": self.commit, "modes": list(self.exp.modes),
             "tuned": list(self.exp.tune), "tune_articles": self.configs.arms[0].cfg.tune.articles,
+            "tune_skip_articles": self.configs.arms[0].cfg.tune.skip_articles,
             "data": describe_data(self.configs.static),
             "base": {"name": self.exp.base, "run_dir": str(base_dir),
                      "files": [f.name for f in self.configs.static_files],
@@ -856,10 +860,20 @@ def published_table() -> str:
     return "\n".join(lines)
 
 
+def tuning_articles(r: dict) -> str:
+    """Which validation articles the baselines were tuned on, and whether the evaluation scores them too."""
+    skip, n = r.get("tune_skip_articles", 0), r["tune_articles"]
+    scored = [m["n_articles"] for arm in r["arms"] for m in ((arm.get("summary") or {}).get("modes") or {}).values()]
+    where = f"validation {article_range(skip, n)}" if n else f"every validation article after the first {skip}"
+    if not scored:
+        return f"tuned on {where}"
+    apart = skip >= max(scored)  # the evaluation scores the first articles of the split
+    return f"tuned on {where}, " + ("apart from the evaluated ones" if apart else "which are among the evaluated ones")
+
+
 def experiment_section(r: dict) -> str:
     lines = [f"### {r['experiment']}: {r['title']}", ""]
-    tune = (f" Baselines ({', '.join(r['tuned'])}) tuned on the first {r['tune_articles'] or 'all'} validation "
-            f"articles, which are among the evaluated ones." if r.get("tuned") else "")
+    tune = f" Baselines ({', '.join(r['tuned'])}) {tuning_articles(r)}." if r.get("tuned") else ""
     lines.append(f"Data: {r.get('data', '?')}. Base model: `{r['base']['run_dir']}` ({', '.join(r['base']['files'])}"
                  + (f"; {r['base']['progress']}" if r['base'].get("progress") else "") + ")." + tune)
     lines += ["", "| arm | mode | valid ppl | per-word ppl | vs static (per token) | tokens/s | tokens | articles |",

@@ -114,17 +114,29 @@ def write_tuned(path: Path, best: dict[str, float], header: str) -> dict[str, fl
     return rule
 
 
-def tune_checkpoint(ck: dict, ckpt_path: Path, cfg: Config, modes: list[str], split: str, n_articles: int) -> dict:
-    """Grid-search each mode in `modes` on the first `n_articles` of `split`; write RUN/tuned.yaml."""
+def article_range(skip: int, n: int) -> str:
+    """'articles 21-22' (1-based, as people count them), or 'the first 2 articles'."""
+    if skip == 0:
+        return f"the first {n} article{'s' * (n != 1)}"
+    return f"article {skip + 1}" if n == 1 else f"articles {skip + 1}-{skip + n}"
+
+
+def tune_checkpoint(ck: dict, ckpt_path: Path, cfg: Config, modes: list[str], split: str, n_articles: int,
+                    skip: int = 0) -> dict:
+    """Grid-search each mode in `modes` on `n_articles` of `split` after its first `skip`; write
+    RUN/tuned.yaml."""
     check_modes(modes, cfg, available=tuple(MODE_AXES))
-    if n_articles < 0:
-        raise ConfigError(f"--articles must be >= 0 (0 = the whole split), got {n_articles}")
+    if n_articles < 0 or skip < 0:
+        raise ConfigError(f"tune articles and skip must be >= 0 (articles 0 = the rest of the split), "
+                          f"got {n_articles}, {skip}")
     grids = {m: {a: initial_grid(cfg, a) for a in MODE_AXES[m]} for m in modes}  # bad grids fail here, early
     run_dir = run_dir_of(ckpt_path)
     device = resolve_device(cfg.train.device)
     tok = tokenizer_for(ckpt_path, ck)
     articles = load_articles(cfg.data, split, tok)
-    articles = articles[:n_articles] if n_articles else articles
+    if skip >= len(articles):
+        raise ConfigError(f"cannot skip {skip} of the {len(articles)} {split} articles: none would be left to tune on")
+    articles = articles[skip: skip + n_articles] if n_articles else articles[skip:]
     n_tokens = sum(len(a) for a in articles)
     lm = LSTMLM(cfg.model, tok.vocab_size)
     params = {k: v.to(device) for k, v in ck["params"].items()}
@@ -136,7 +148,7 @@ def tune_checkpoint(ck: dict, ckpt_path: Path, cfg: Config, modes: list[str], sp
         return perplexity(float(scores.nll.sum()), n_tokens)
 
     static_ppl = ppl_with("static", {})
-    print(f"tuning on {split}: {len(articles)} articles, {n_tokens:,} tokens, segment length "
+    print(f"tuning on {split} {article_range(skip, len(articles))}, {n_tokens:,} tokens, segment length "
           f"{cfg.eval.segment_length}, boundary {cfg.eval.boundary}; static ppl {static_ppl:.3f}")
     rows = [{"mode": "static", "values": "", "ppl": static_ppl, "best": False}]  # the reference
     best_rule, extended = {}, {}
@@ -149,12 +161,13 @@ def tune_checkpoint(ck: dict, ckpt_path: Path, cfg: Config, modes: list[str], sp
             rows.append({"mode": mode, "values": ", ".join(f"{a}={v:g}" for a, v in zip(final, point)),
                          "ppl": ppl, "best": point == tuple(best.values())})
 
-    header = (f"# written by `dynlm tune` for {Path(ckpt_path).name}: best of the grid on the first "
-              f"{len(articles)} {split} articles,\n# eval.segment_length={cfg.eval.segment_length}, "
+    header = (f"# written by `dynlm tune` for {Path(ckpt_path).name}: best of the grid on {split} "
+              f"{article_range(skip, len(articles))},\n# eval.segment_length={cfg.eval.segment_length}, "
               f"eval.boundary={cfg.eval.boundary}; `dynlm evaluate` loads this file, --rule.x=y still wins.\n")
     path = run_dir / TUNED_FILE
     saved = write_tuned(path, best_rule, header)
-    result = {"checkpoint": str(ckpt_path), "split": split, "n_articles": len(articles), "n_tokens": n_tokens,
+    result = {"checkpoint": str(ckpt_path), "split": split, "n_articles": len(articles), "skip_articles": skip,
+              "n_tokens": n_tokens,
               "segment_length": cfg.eval.segment_length, "boundary": cfg.eval.boundary, "static_ppl": static_ppl,
               "best": best_rule, "extended": extended, "grid": rows, "tuned_file": str(path)}
     _write_grid(run_dir / "tune", rows, result)

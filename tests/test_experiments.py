@@ -126,7 +126,8 @@ def tiny_experiment_args(tmp_path) -> list[str]:
             *[f"--{o}" for o in TINY], f"--data.cache_dir={tmp_path / 'cache'}",
             "--meta.steps=2", "--meta.max_minutes=0", "--meta.unroll=2", "--meta.chunk=5", "--meta.batch_size=2",
             "--meta.log_every=1", "--meta.checkpoint_every=1", "--meta.valid_articles=2", "--rule.compile=false", "--rule.grad_rms_chunks=3",
-            "--tune.articles=2", "--tune.sgd_lr=[0.005,0.01]", "--tune.dyneval_lr=[5e-5,1e-4]",
+            "--data.synthetic.n_valid=4", "--eval.max_articles=2",  # tuned on the other 2, as the suite does
+            "--tune.skip_articles=2", "--tune.articles=2", "--tune.sgd_lr=[0.005,0.01]", "--tune.dyneval_lr=[5e-5,1e-4]",
             "--tune.dyneval_lamb=[2e-3]", "--tune.cache_theta=[0.3]", "--tune.cache_lambda=[0.01,0.02]",
             "--tune.max_extensions=1"]
 
@@ -163,6 +164,7 @@ def test_tiny_experiment_end_to_end_then_skipped_reproduced_and_shared(tmp_path,
     row = next(l for l in results.splitlines() if l.startswith("| 2-level | main |"))
     assert f"{first['learned']['ppl']:.2f}" in row and f"{first['dyneval']['ppl']:.2f}" in row
     assert "dynlm experiment 2-level --scale cpu" in results and "2-level goal" in results
+    assert "tuned on validation articles 3-4, apart from the evaluated ones" in results
     assert "| 2-level | main |" in readme.read_text() and "after" in readme.read_text()
     assert "old" not in readme.read_text() and "65.8" in readme.read_text()  # published numbers, labelled
 

@@ -139,3 +139,28 @@ def test_malformed_tuned_file_is_a_clear_error(tuned_run, tmp_path, capsys):
     assert main(["evaluate", "--checkpoint", str(copy / "checkpoints" / "best.pt"), "--out", str(tmp_path / "e"),
                  f"--data.cache_dir={cache}"]) == 2
     assert "no_such_key" in capsys.readouterr().err
+
+
+def test_tune_can_skip_the_articles_an_evaluation_scores(tuned_run, tmp_path, capsys):
+    """--skip-articles 1 --articles 2 tunes on articles 2-3 exactly: with article 1 alone they make up
+    the 3 articles of the fixture's tuning, token for token."""
+    run, _, cache = tuned_run
+    whole = json.loads((run / "tune" / "tune.json").read_text())
+    parts = []
+    for skip, n in ((0, 1), (1, 2)):
+        copy = tmp_path / f"run{skip}"
+        shutil.copytree(run, copy)
+        assert main(["tune", "--checkpoint", str(copy / "checkpoints" / "best.pt"), "--modes", "cache",
+                     "--skip-articles", str(skip), "--articles", str(n), f"--data.cache_dir={cache}",
+                     *[f"--{o}" for o in SMALL_GRIDS]]) == 0
+        parts.append(json.loads((copy / "tune" / "tune.json").read_text()))
+        assert (parts[-1]["skip_articles"], parts[-1]["n_articles"]) == (skip, n)
+    assert "on valid articles 2-3" in capsys.readouterr().out
+    assert "articles 2-3" in (tmp_path / "run1" / "tuned.yaml").read_text()
+    assert sum(p["n_tokens"] for p in parts) == whole["n_tokens"]
+    nll = sum(p["n_tokens"] * math.log(p["static_ppl"]) for p in parts)
+    assert math.exp(nll / whole["n_tokens"]) == pytest.approx(whole["static_ppl"], rel=1e-9)
+    # nothing left to tune on: a clear error, not an empty grid
+    assert main(["tune", "--checkpoint", str(tmp_path / "run0" / "checkpoints" / "best.pt"), "--modes", "cache",
+                 "--skip-articles", "3", f"--data.cache_dir={cache}"]) == 2
+    assert "none would be left" in capsys.readouterr().err
