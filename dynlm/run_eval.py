@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -108,6 +109,11 @@ def evaluate_checkpoint(ck: dict, ckpt_path: Path, cfg: Config, split: str, mode
     if cfg.eval.max_articles < 0:
         raise ConfigError(f"eval.max_articles must be >= 0 (0 = all), got {cfg.eval.max_articles}")
     articles = articles[: cfg.eval.max_articles] if cfg.eval.max_articles else articles
+    if cfg.eval.boundary == "continuous" and 1 < len(articles) <= cfg.eval.batch_size:
+        # each stream would read a single article: continuous reading that never crosses a boundary
+        print(f"warning: eval.boundary=continuous, but {len(articles)} articles over eval.batch_size="
+              f"{cfg.eval.batch_size} streams give each stream one article, so no stream reads across an article "
+              f"boundary; set eval.batch_size below {len(articles)}", file=sys.stderr)
     lm = LSTMLM(cfg.model, tok.vocab_size)
     params = {k: v.to(device) for k, v in ck["params"].items()}
     if "learned" in modes and "learner" not in ck:

@@ -84,6 +84,20 @@ def test_batched_streams_give_the_same_numbers(trained, tmp_path):
     assert ppl[0] == pytest.approx(ppl[1], rel=1e-5)
 
 
+def test_continuous_reading_warns_when_no_stream_crosses_a_boundary(trained, tmp_path, capsys):
+    """3 articles over 3 streams read 'continuously' are reset reading in disguise: say so. Over one
+    stream the hidden state really is carried from article to article, and the numbers change."""
+    ppl = {}
+    for b in (3, 1):
+        out = tmp_path / f"cont{b}"
+        assert evaluate(trained, out, "--eval.boundary=continuous", f"--eval.batch_size={b}",
+                        f"--data.cache_dir={tmp_path / 'cache'}") == 0
+        err = capsys.readouterr().err
+        assert ("no stream reads across an article boundary" in err) == (b == 3)
+        ppl[b] = json.loads((out / "summary.json").read_text())["modes"]["static"]["ppl"]
+    assert ppl[1] != pytest.approx(ppl[3], rel=1e-6)
+
+
 def test_evaluate_bad_input_is_a_clear_error(trained, tmp_path, capsys):
     assert evaluate(trained, tmp_path / "e1", "--modes", "static,bogus") == 2
     assert "unknown mode" in capsys.readouterr().err
