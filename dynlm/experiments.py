@@ -712,7 +712,8 @@ class ExperimentRunner:
         arms = []
         for ac in self.configs.arms:
             entry = {"name": ac.arm.name, "files": [f.name for f in ac.files],
-                     "eval_max_articles": ac.cfg.eval.max_articles, "checkpoint": str(self.checkpoint_for(ac))}
+                     "eval_max_articles": ac.cfg.eval.max_articles, "eval_boundary": ac.cfg.eval.boundary,
+                     "eval_streams": ac.cfg.eval.batch_size, "checkpoint": str(self.checkpoint_for(ac))}
             if self.exp.learner:
                 found, run_dir, _ = self.meta_run(ac)
                 entry["meta_run"] = str(run_dir)
@@ -896,6 +897,9 @@ def experiment_section(r: dict) -> str:
         tuned = f"; tuned values {', '.join(f'{k}={v:g}' for k, v in tuned.items())}" if tuned else ""
         subset = (f"first {arm['eval_max_articles']} validation articles (eval.max_articles)"
                   if arm.get("eval_max_articles") else "all validation articles")
+        if arm.get("eval_boundary") == "continuous":  # how many boundaries a stream crosses depends on it
+            streams = min(arm["eval_streams"], max(m["n_articles"] for m in s.values()))
+            subset += f", read continuously as {streams} stream{'s' * (streams != 1)}"
         meta = f"; meta-training {arm['meta_progress']} (`{arm['meta_run']}`)" if arm.get("meta_progress") else ""
         produced.append(f"- {arm['name']}: {subset}{meta}{tuned}; evaluated at commit `{rec.get('commit', '?')}`"
                         f" on {rec.get('finished', '?')} by `{rec.get('command', r['command'])}`")

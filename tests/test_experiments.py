@@ -235,3 +235,21 @@ def test_ablations_share_the_evaluation_of_their_common_arm(tmp_path, capsys):
     assert (root / "ablate-order" / "second-order" / "eval_valid" / "summary.json").is_file()
     assert main(["experiment", "ablate-order", *args]) == 0  # now done in place: skipped
     assert "[ablate-order] evaluate: skipped, done" in capsys.readouterr().out
+
+
+def test_results_say_how_many_streams_a_continuous_evaluation_read():
+    """Continuous numbers depend on how many article boundaries each stream crosses: the section says
+    how many streams read the articles (never more than there are articles); reset numbers do not."""
+    from dynlm.experiments import experiment_section
+    summary = {"modes": {m: {"ppl": p, "n_tokens": 900, "n_articles": 3, "rel_change_vs_static": p / 100 - 1}
+                         for m, p in (("static", 100.0), ("learned", 90.0))}}
+    arm = {"summary": summary, "record": {"commit": "abc", "finished": "now", "command": "dynlm experiment x"},
+           "eval_max_articles": 3, "eval_boundary": "continuous"}
+    record = {"experiment": "x", "title": "t", "command": "dynlm experiment x",
+              "base": {"run_dir": "runs/b", "files": ["b.yaml"]},
+              "arms": [{**arm, "name": "two", "eval_streams": 2}, {**arm, "name": "many", "eval_streams": 16},
+                       {**arm, "name": "reset", "eval_streams": 2, "eval_boundary": "reset"}]}
+    lines = {l.split(":")[0]: l for l in experiment_section(record).splitlines() if l.startswith("- ")}
+    assert "read continuously as 2 streams" in lines["- two"]
+    assert "read continuously as 3 streams" in lines["- many"]  # 3 articles: one per stream
+    assert "stream" not in lines["- reset"]
