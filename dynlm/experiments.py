@@ -687,6 +687,7 @@ class ExperimentRunner:
                 (out.parent / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
                 return
             previous = _read_json(out / "summary.json") if "evaluate" in self.redo else None
+            previous_threads = (_read_json(out / RECORD) or {}).get("threads") if previous else None
             ck = load_checkpoint(ckpt)
             info = tuned_in_effect(tuned["path"], tuned["target"], cfg) if tuned else None
             started = time.perf_counter()
@@ -694,9 +695,11 @@ class ExperimentRunner:
             (out.parent / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
             _write_json(out / RECORD, {"key": self.eval_key(ckpt, cfg), "checkpoint": str(ckpt),
                                        "commit": self.commit, "command": self.command, "finished": _now(),
-                                       "seconds": time.perf_counter() - started})
+                                       "seconds": time.perf_counter() - started,
+                                       "threads": torch.get_num_threads()})
             if previous:
-                print(compare_summaries(previous, _read_json(out / "summary.json")))
+                print(compare_summaries(previous, _read_json(out / "summary.json"),
+                                        (previous_threads, torch.get_num_threads())))
 
         e = ac.cfg.eval
         articles = f"first {e.max_articles}" if e.max_articles else "all"
@@ -941,14 +944,21 @@ def readme_section(records: list[dict]) -> str:
                       published_table(), "", README_END])
 
 
-def compare_summaries(before: dict, after: dict) -> str:
-    """Whether a redone evaluation reproduced the recorded perplexities."""
+def compare_summaries(before: dict, after: dict, threads: tuple[int | None, int] | None = None) -> str:
+    """Whether a redone evaluation reproduced the recorded perplexities; if not, by how much, and whether
+    the torch thread count changed (it changes the order of floating-point sums, so the last bits)."""
     old = {m: v["ppl"] for m, v in before.get("modes", {}).items()}
     new = {m: v["ppl"] for m, v in after.get("modes", {}).items()}
     if old == new:
         return f"reproduced the previous perplexities exactly: {', '.join(f'{m} {p:.4f}' for m, p in new.items())}"
-    return "differs from the previous evaluation: " + ", ".join(
-        f"{m} {old.get(m, float('nan')):.4f} -> {new.get(m, float('nan')):.4f}" for m in sorted(set(old) | set(new)))
+
+    def change(m):
+        a, b = old.get(m, float("nan")), new.get(m, float("nan"))
+        return f"{m} {a:.4f} -> {b:.4f}" + (f" (relative {b / a - 1:+.1e})" if a == a and b == b and a != b else "")
+    note = ""
+    if threads and threads[0] is not None and threads[0] != threads[1]:
+        note = f"; recorded with {threads[0]} torch thread(s), redone with {threads[1]}: set OMP_NUM_THREADS to match"
+    return "differs from the previous evaluation: " + ", ".join(change(m) for m in sorted(set(old) | set(new))) + note
 
 
 def write_results(runs: Path, results_file: Path | None, readme: Path | None) -> None:

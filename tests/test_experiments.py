@@ -253,3 +253,15 @@ def test_results_say_how_many_streams_a_continuous_evaluation_read():
     assert "read continuously as 2 streams" in lines["- two"]
     assert "read continuously as 3 streams" in lines["- many"]  # 3 articles: one per stream
     assert "stream" not in lines["- reset"]
+
+
+def test_a_redone_evaluation_says_how_far_it_moved_and_why_it_may_have():
+    from dynlm.experiments import compare_summaries
+    before = {"modes": {"static": {"ppl": 112.9231}, "learned": {"ppl": 97.3146}}}
+    assert compare_summaries(before, before, (1, 1)).startswith("reproduced the previous perplexities exactly")
+    moved = {"modes": {"static": {"ppl": 112.9231}, "learned": {"ppl": 97.3146 * (1 + 3e-9)}}}
+    text = compare_summaries(before, moved, (1, 2))
+    assert text.startswith("differs") and "learned 97.3146 -> 97.3146 (relative +3.0e-09)" in text
+    assert "static 112.9231 -> 112.9231;" in text  # an unchanged mode shows no relative change
+    assert "recorded with 1 torch thread(s), redone with 2" in text
+    assert "thread" not in compare_summaries(before, moved, (None, 2))  # older records did not say
