@@ -111,8 +111,9 @@ class RuleConfig:
 @dataclass
 class TuneConfig:
     """`dynlm tune`: grid search of the baselines' rule.* values on `articles` articles of `split`,
-    after the first `skip_articles` (skip the articles an evaluation scores, so they stay unseen). A best value on the edge of its grid extends that grid one step (up to `max_extensions`
-    times per mode). Per-update rates (sgd_lr, dyneval_lr, dyneval_lamb) are given at
+    after the first `skip_articles` (skip the articles an evaluation scores, so they stay unseen). A
+    best value on the edge of its grid extends that grid one step (up to `max_extensions` times per
+    mode). Per-update rates (sgd_lr, dyneval_lr, dyneval_lamb) are given at
     `reference_segment_length` and scaled by eval.segment_length / reference_segment_length."""
     split: str = "valid"
     articles: int = 10  # 0 = the rest of the split

@@ -578,6 +578,7 @@ class ExperimentRunner:
 
     def _tune_stage(self, arms: list[ArmConfig]) -> Stage:
         ac, modes = arms[0], list(self.exp.tune)
+        t = ac.cfg.tune
 
         def todo() -> tuple[Path, list[str]]:
             target = self.tune_target(ac)
@@ -604,7 +605,6 @@ class ExperimentRunner:
             target, missing = todo()
             ck = load_checkpoint(target)
             started = time.perf_counter()
-            t = ac.cfg.tune
             result = tune_checkpoint(ck, target, ac.cfg, missing, t.split, t.articles, t.skip_articles)
             path = target.parent.parent / "tune" / RECORD
             records = _read_json(path) or {}
@@ -614,10 +614,8 @@ class ExperimentRunner:
                               "command": self.command, "finished": _now(), "seconds": time.perf_counter() - started}
             _write_json(path, records)
 
-        t = ac.cfg.tune
-        where = article_range(t.skip_articles, t.articles) if t.articles else f"articles after the first {t.skip_articles}"
-        return Stage("tune", f"{', '.join(modes)} on {t.split} {where}, segment length {ac.cfg.eval.segment_length}",
-                     check, run)
+        return Stage("tune", f"{', '.join(modes)} on {t.split} {article_range(t.skip_articles, t.articles)}, "
+                             f"segment length {ac.cfg.eval.segment_length}", check, run)
 
     def _eval_stage(self, ac: ArmConfig) -> Stage:
         def state() -> tuple[Path, Config, dict | None, bool]:
@@ -868,7 +866,7 @@ def tuning_articles(r: dict) -> str:
     """Which validation articles the baselines were tuned on, and whether the evaluation scores them too."""
     skip, n = r.get("tune_skip_articles", 0), r["tune_articles"]
     scored = [m["n_articles"] for arm in r["arms"] for m in ((arm.get("summary") or {}).get("modes") or {}).values()]
-    where = f"validation {article_range(skip, n)}" if n else f"every validation article after the first {skip}"
+    where = f"validation {article_range(skip, n)}"
     if not scored:
         return f"tuned on {where}"
     apart = skip >= max(scored)  # the evaluation scores the first articles of the split
@@ -954,7 +952,8 @@ def compare_summaries(before: dict, after: dict, threads: tuple[int | None, int]
 
     def change(m):
         a, b = old.get(m, float("nan")), new.get(m, float("nan"))
-        return f"{m} {a:.4f} -> {b:.4f}" + (f" (relative {b / a - 1:+.1e})" if a == a and b == b and a != b else "")
+        moved = m in old and m in new and a != b
+        return f"{m} {a:.4f} -> {b:.4f}" + (f" (relative {b / a - 1:+.1e})" if moved else "")
     note = ""
     if threads and threads[0] is not None and threads[0] != threads[1]:
         note = f"; recorded with {threads[0]} torch thread(s), redone with {threads[1]}: set OMP_NUM_THREADS to match"

@@ -115,7 +115,10 @@ def write_tuned(path: Path, best: dict[str, float], header: str) -> dict[str, fl
 
 
 def article_range(skip: int, n: int) -> str:
-    """'articles 21-22' (1-based, as people count them), or 'the first 2 articles'."""
+    """'articles 21-22' (1-based, as people count them), 'the first 2 articles', or with n = 0 (the rest
+    of the split) 'articles after the first 20'."""
+    if n == 0:
+        return f"articles after the first {skip}" if skip else "articles (all of them)"
     if skip == 0:
         return f"the first {n} article{'s' * (n != 1)}"
     return f"article {skip + 1}" if n == 1 else f"articles {skip + 1}-{skip + n}"
