@@ -2,8 +2,9 @@
 
 Every measurement runs in one process on one model (`model.*`), one batch shape (`bench.batch_size`
 streams, `eval.segment_length`-token chunks) and the same random tokens, through the code paths the
-real commands use: the static training step, `chunk_step` for evaluation (every rule) and for
-meta-training (K = `meta.unroll` steps with meta=True, then backward and the outer optimizer step).
+real commands use: the static training step, `chunk_step` for evaluation (every rule) and
+`unroll.TruncatedUnroll` for meta-training (K = `meta.unroll` chunk steps with meta=True, the held-back
+update of the previous meta-step replayed first, then backward and the outer optimizer step).
 After `bench.warmup` untimed calls (where torch.compile compiles; their time is reported), the
 measurements take turns, repeat after repeat, so that a load change on a shared machine hits all of
 them alike; each reports the median of `bench.repeats` repeats. Peak memory of one meta-step is
@@ -41,10 +42,12 @@ from .data.streams import Chunk
 from .device import autocast
 from .model import LSTMLM, Params, State
 from .model.regularizers import embedding_dropout, locked_dropout
+from .cache import CacheSettings, cache_step, empty_cache
+from .modes import parse_mode
 from .rules import adapted_names, compute_grad_rms, make_rule
 from .rules.learned import COMPILE_MIN
 from .train.meta import meta_parameters
-from .unroll import Reader, chunk_step, start_reader
+from .unroll import Reader, TruncatedUnroll, chunk_step, start_reader
 
 REPO = Path(__file__).resolve().parents[1]
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -265,21 +268,31 @@ class Bench:
 
     # -- evaluation: chunk_step as evaluate.score calls it ------------------------------------------
     def online(self, name: str, label: str, mode: str, length: int, rule_cfg=None, ms=None) -> Workload:
+        """mode: a mode name (modes.py), e.g. `dyneval@all` or `learned+cache`: its rule on the weights it
+        adapts, and with `+cache` the neural cache over the adapted model's hidden states."""
         rule_cfg = rule_cfg or self.cfg.rule
+        spec = parse_mode(mode)
         pool = self.pool(length)
-        names = adapted_names(self.lm, rule_cfg, mode, self.params)
-        rule = make_rule(mode, rule_cfg, names, ms=ms).to(self.device)
+        names = adapted_names(self.lm, rule_cfg, spec.rule, self.params, spec.weights)
+        ms = {k: ms[k] for k in names} if spec.rule == "dyneval" else None
+        rule = make_rule(spec.rule, rule_cfg, names, ms=ms).to(self.device)
         theta0 = self.params
         reader = [start_reader(self.lm, theta0, rule, names, self.streams, self.device)]
         dtype = self.params["embed"].dtype
+        settings = CacheSettings.from_config(rule_cfg) if spec.cache else None
+        memory = [empty_cache(self.streams, settings.window, self.lm.sizes[-1], self.device, dtype)] if spec.cache \
+            else None
 
         def call():
+            chunk = pool.next()
             with autocast(self.device, self.bf16):
-                _, new, _ = chunk_step(self.lm, theta0, theta0, rule, reader[0], pool.next())
+                nll, new, stats = chunk_step(self.lm, theta0, theta0, rule, reader[0], chunk)
             new.hidden = [(h.to(dtype), c.to(dtype)) for h, c in new.hidden]  # undo autocast's bf16
             reader[0] = new
+            if memory is not None:  # as evaluate.score mixes it in
+                _, memory[0] = cache_step(memory[0], stats["out"], nll, chunk.targets, chunk.mask, settings)
 
-        compiled = mode == "learned" and self.compiles(rule_cfg)
+        compiled = spec.rule == "learned" and self.compiles(rule_cfg)
         kind = "static eval" if mode == "static" else "online eval"
         return Workload(name, label, kind, length, pool.tokens_per_chunk * self.cfg.bench.steps,
                         _repeat(call, self.cfg.bench.steps), compiled=compiled,
@@ -287,7 +300,8 @@ class Bench:
 
     # -- meta-training: the meta-step of train/meta.py ----------------------------------------------
     def metatrain(self, name: str, label: str, second_order: bool, checkpoint: bool, rule_cfg=None) -> Workload:
-        """One call = one meta-step: meta.unroll chunk_steps with meta=True, backward, clip, Adam on the
+        """One call = one meta-step (unroll.TruncatedUnroll): the previous step's held-back update
+        replayed, meta.unroll chunk_steps with meta=True, backward, clip, Adam on the
         learner (and on theta0 / the static weights when meta.theta0_lr / meta.static_lr > 0),
         truncation. dynlm metatrain also scores the static model on each chunk for its logs; that
         forward pass is not part of this workload."""
@@ -311,21 +325,17 @@ class Bench:
 
 def meta_step(lm: LSTMLM, params: Params, theta0: Params, rule, reader: Reader, pool: ChunkPool, unroll: int,
               second_order: bool, checkpoint: bool, opt, trained: list[Tensor], clip: float) -> Reader:
-    """K prequential chunk steps with the graph kept, the summed loss back-propagated, one outer step,
-    then truncation (the body of dynlm metatrain's loop)."""
-    total, n = 0.0, 0
-    for _ in range(unroll):
-        chunk = pool.next()
-        nll, reader, _ = chunk_step(lm, params, theta0, rule, reader, chunk, meta=True,
-                                    second_order=second_order, checkpoint=checkpoint)
-        total, n = total + nll.sum(), n + chunk.mask.sum()
-    loss = total / n.clamp(min=1)
+    """K prequential chunk steps with the graph kept (unroll.TruncatedUnroll, as dynlm metatrain runs
+    them), the summed loss back-propagated, one outer step; returns the truncated reader."""
+    step = TruncatedUnroll(lm, rule, unroll, second_order=second_order, checkpoint=checkpoint)(
+        params, theta0, reader, (pool.next() for _ in range(unroll)))
+    loss = step.nll / max(step.tokens, 1)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(trained, clip)
     if math.isfinite(float(grad_norm)):
         opt.step()
-    return reader.detached()
+    return step.reader
 
 
 def _repeat(fn: Callable[[], None], times: int) -> Callable[[], None]:
@@ -361,9 +371,11 @@ def build_workloads(bench: Bench) -> list[Workload]:
     def tag(rule_cfg) -> str:
         return " (compiled)" if bench.compiles(rule_cfg) else ""
 
-    # dyneval's MS statistics at the evaluation segment length, as `dynlm evaluate` computes them
-    dyneval_names = adapted_names(bench.lm, rule, "dyneval", bench.params)
-    ms = compute_grad_rms(bench.lm, bench.params, bench.pool(seg), dyneval_names, POOL_CHUNKS, bench.device)
+    # dyneval's MS statistics (every weight: dyneval@lstm takes its subset); their values do not change
+    # the speed, so the pool's chunks serve
+    all_names = adapted_names(bench.lm, rule, "dyneval", bench.params, "all")
+    ms = compute_grad_rms(bench.lm, bench.params, bench.pool(seg), all_names, POOL_CHUNKS, bench.device)
+    one = Bench(bench.cfg, bench.device, 1)  # Krause's protocol reads one stream
 
     w = [bench.static_train("static_train", "static training (functional, fused LSTM)", "functional"),
          bench.static_train("nn_lstm_train", "static training (nn.Embedding + nn.LSTM)", "nn")]
@@ -371,13 +383,21 @@ def build_workloads(bench: Bench) -> list[Workload]:
         s = f"_seg{length}"
         w.append(bench.online("static_eval" + s, "static evaluation", "static", length))
         w.append(bench.online("sgd" + s, "online sgd", "sgd", length))
-        w.append(bench.online("dyneval" + s, "online dyneval", "dyneval", length, ms=ms))
+        w.append(bench.online("dyneval" + s, "online dyneval, LSTM weights", "dyneval@lstm", length, ms=ms))
+        w.append(bench.online("dyneval_all" + s, "online dyneval, all weights (sparse embedding rows)", "dyneval@all",
+                              length, ms=ms))
+        w.append(bench.online("adam" + s, "online adam control, LSTM weights", "adam", length))
         w.append(bench.online("learned_ff" + s, "online learned ff" + tag(ff), "learned", length, ff))
         if bench.compiles(ff):
             w.append(bench.online("learned_ff_eager" + s, "online learned ff (eager)", "learned", length, ff_eager))
         w.append(bench.online("learned_rnn" + s, "online learned rnn (eager)", "learned", length, rnn))
         w.append(bench.online(f"learned_ff_hidden{hidden_n}" + s, f"online learned ff, hidden {hidden_n}",
                               "learned", length, ff_hidden))
+    w.append(bench.online(f"learned_ff_cache_seg{seg}", "online learned ff + cache" + tag(ff), "learned+cache", seg, ff))
+    # Krause's protocol: one stream, segments of `short`, every weight
+    w.append(one.online(f"static_eval_1stream_seg{short}", "static evaluation, 1 stream", "static", short))
+    w.append(one.online(f"dyneval_all_1stream_seg{short}", "online dyneval, all weights, 1 stream", "dyneval@all",
+                        short, ms=ms))
     for order in ("first", "second"):
         for ckpt in (False, True):
             w.append(bench.metatrain(f"metatrain_{order}_order" + ("_checkpointed" if ckpt else ""),
@@ -575,6 +595,15 @@ def run_memory_probes(cfg: Config, device: torch.device) -> list[dict]:
 
 
 # ---- report ---------------------------------------------------------------------------------------
+def _vs_static_eval(w: Workload, workloads: list[Workload]) -> float | None:
+    """An online row's throughput against static evaluation of the same streams and segment length."""
+    if w.kind != "online eval":
+        return None
+    ref = "static_eval" + ("_1stream" if "_1stream" in w.name else "") + f"_seg{w.segment_length}"
+    base = next((x for x in workloads if x.name == ref), None)
+    return w.tokens_per_s() / base.tokens_per_s() if base else None
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
@@ -602,12 +631,14 @@ def markdown(result: dict) -> str:
     lines = [f"Throughput: {s['streams']} streams, segment length {s['segment_length']} "
              f"(and {s['short_segment']}), meta-steps of K={s['unroll']} chunks; {s['device']}, "
              f"{s['precision']}, {s['threads']} thread(s); median of {s['repeats']} repeats.", "",
-             "| measurement | segment | tokens/s | × static training | compile (s) |", "|---|---:|---:|---:|---:|"]
+             "| measurement | segment | tokens/s | × static training | × static evaluation | compile (s) |",
+             "|---|---:|---:|---:|---:|---:|"]
     for row in result["throughput"].values():
         note = f" ({row['notes']})" if row["notes"] else ""
         compile_s = f"{row['compile_s']:.1f}" if row["compile_s"] is not None else ""
+        vs_eval = f"{row['vs_static_eval']:.3f}" if row.get("vs_static_eval") is not None else ""
         lines.append(f"| {row['label']}{note} | {row['segment_length']} | {row['tokens_per_s']:,.0f} | "
-                     f"{row['vs_static_train']:.3f} | {compile_s} |")
+                     f"{row['vs_static_train']:.3f} | {vs_eval} | {compile_s} |")
     mem = result["memory"]
     lines += ["", f"Peak memory of one {'second' if mem['second_order'] else 'first'}-order meta-step of K chunks "
               f"above the process's baseline ({mem['streams']} stream(s), {mem['measure']}):", "",
@@ -707,6 +738,7 @@ def run_bench(cfg: Config, out: Path) -> dict:
         static = next(w for w in workloads if w.name == "static_train").tokens_per_s()
         throughput = {w.name: {"label": w.label, "kind": w.kind, "segment_length": w.segment_length,
                                "tokens_per_s": w.tokens_per_s(), "vs_static_train": w.tokens_per_s() / static,
+                               "vs_static_eval": _vs_static_eval(w, workloads),
                                "first_call_s": w.first_call_s, "compile_s": w.compile_s(), "compiled": w.compiled,
                                "tokens_per_call": w.tokens_per_call, "seconds": w.seconds, "notes": w.notes}
                       for w in workloads}

@@ -14,9 +14,14 @@ from .faults import NumericalFaultError
 PRESETS = Path(__file__).parent / "presets"
 
 
-def _common(p: argparse.ArgumentParser, out_default: str | None = None) -> None:
+def _common(p: argparse.ArgumentParser, out_default: str | None = None, protocol: bool = False) -> None:
     p.add_argument("--config", action="append", default=[], metavar="YAML",
                    help="experiment file(s) of overrides, applied in order")
+    if protocol:
+        p.add_argument("--protocol", choices=("article", "krause"),
+                       help="evaluation protocol preset, applied before --config files: article (each article from "
+                            "theta0, 16 streams, segments of 20) or krause (one stream through the split, never "
+                            "reset, segments of 5; Krause et al.)")
     p.add_argument("--out", default=out_default, metavar="DIR", help="run directory (sets log.out_dir)")
     p.epilog = "Any config value can be overridden with --section.key=value, e.g. --train.lr=1e-3."
 
@@ -26,7 +31,24 @@ def _config(args, extra: list[str], base: dict | None = None, presets: list[Path
     if bad:
         raise ConfigError(f"unrecognised argument(s) {bad}; overrides look like --section.key=value")
     overrides = list(extra) + ([f"log.out_dir={args.out}"] if args.out else [])
+    if getattr(args, "protocol", None):
+        from .modes import protocol_preset
+        presets = [*presets, protocol_preset(args.protocol)]
     return load_config([*presets, *args.config], overrides, base=base)
+
+
+def _explicit_rule_keys(args, extra: list[str]) -> set[str]:
+    """rule.* keys the user set on the command line or in --config files: they win over RUN/tuned.yaml."""
+    import yaml
+    keys = {e.lstrip("-").split("=", 1)[0].removeprefix("rule.") for e in extra if e.lstrip("-").startswith("rule.")}
+    for path in args.config:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            continue  # load_config reports it
+        if isinstance(data, dict) and isinstance(data.get("rule"), dict):
+            keys |= set(data["rule"])
+    return keys
 
 
 def cmd_train(args, extra):
@@ -62,13 +84,15 @@ def cmd_evaluate(args, extra):
     from .run_eval import evaluate_checkpoint
     from .tune import tuned_in_effect, tuned_path
     ck = load_checkpoint(args.checkpoint)
-    tuned = tuned_path(Path(args.checkpoint))
+    cfg = _config(args, extra, base=ck["config"])
+    tuned = tuned_path(Path(args.checkpoint), cfg)  # this protocol's tuned values
     use_tuned = tuned.exists() and not args.ignore_tuned
-    # RUN/tuned.yaml sits between the checkpoint's config and --config files / --rule.x=y overrides
-    cfg = _config(args, extra, base=ck["config"], presets=[tuned] if use_tuned else [])
     out = Path(args.out or Path(cfg.log.out_dir) / f"eval_{args.split}")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    info = tuned_in_effect(tuned, Path(args.checkpoint), cfg) if use_tuned else None
+    # each mode runs with its own values from RUN/tuned.yaml; --rule.x=y and --config files still win
+    scored = (0, cfg.eval.max_articles or 10**9) if args.split == "valid" else None
+    info = (tuned_in_effect(tuned, Path(args.checkpoint), cfg, _explicit_rule_keys(args, extra), scored)
+            if use_tuned else None)
     evaluate_checkpoint(ck, Path(args.checkpoint), cfg, args.split, modes, out, tuned=info)
 
 
@@ -77,9 +101,13 @@ def cmd_tune(args, extra):
     ck = load_checkpoint(args.checkpoint)
     cfg = _config(args, extra, base=ck["config"])
     modes = [m.strip() for m in args.modes.split(",") if m.strip()] if args.modes else cfg.tune.modes
+    learner = load_checkpoint(args.learner).get("learner") if args.learner else None
+    if args.learner and learner is None:
+        raise ConfigError(f"--learner {args.learner}: not a meta checkpoint (it holds no learner)")
     tune_checkpoint(ck, Path(args.checkpoint), cfg, modes, args.split or cfg.tune.split,
                     cfg.tune.articles if args.articles is None else args.articles,
-                    cfg.tune.skip_articles if args.skip_articles is None else args.skip_articles)
+                    cfg.tune.skip_articles if args.skip_articles is None else args.skip_articles,
+                    learner_state=learner)
 
 
 def cmd_report(args, extra):
@@ -129,26 +157,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("metatrain", help="meta-train the learned rule that rewrites the LSTM weights while reading")
-    _common(p)
+    _common(p, protocol=True)
     p.add_argument("--init", help="static checkpoint to start from (its config is the base); omit to start from scratch")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
     p.set_defaults(func=cmd_metatrain)
 
     p = sub.add_parser("evaluate", help="per-article, per-token evaluation of a checkpoint")
-    _common(p)
+    _common(p, protocol=True)
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by `dynlm train`")
     p.add_argument("--split", default="valid", help="train | valid | test")
-    p.add_argument("--modes", default="static", help="comma-separated modes: static,sgd,dyneval,cache,learned")
+    p.add_argument("--modes", default="static",
+                   help="comma-separated modes RULE[@lstm|@all][+cache], RULE one of static, sgd, dyneval, adam, "
+                        "learned; or cache (the static model with the neural cache). E.g. "
+                        "static,dyneval,dyneval@lstm,adam,cache,learned,learned+cache")
     p.add_argument("--ignore-tuned", action="store_true",
-                   help="do not load RUN/tuned.yaml (written by `dynlm tune`), which is otherwise used when present")
+                   help="do not load RUN/tuned_PROTOCOL.yaml (written by `dynlm tune` for this evaluation protocol), "
+                        "which is otherwise used when present")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("tune", help="grid-search the sgd / dyneval / cache hyperparameters on validation articles; "
-                                    "saves the best to RUN/tuned.yaml for `evaluate`")
-    _common(p)
+                                    "saves the best per mode to RUN/tuned_PROTOCOL.yaml for `evaluate`")
+    _common(p, protocol=True)
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by `dynlm train` or `dynlm metatrain`")
-    p.add_argument("--modes", help="comma-separated subset of sgd,dyneval,cache (default: tune.modes)")
-    p.add_argument("--articles", type=int, help="tune on N articles of the split, 0 = all (default: tune.articles)")
+    p.add_argument("--modes", help="comma-separated modes to tune, e.g. sgd,dyneval,dyneval@lstm,adam,cache,"
+                                   "dyneval+cache (default: tune.modes)")
+    p.add_argument("--learner", metavar="CKPT", help="meta checkpoint whose learner `learned+cache` reads (default: "
+                                                     "--checkpoint's own, when it is a meta checkpoint)")
+    p.add_argument("--articles", type=int, help="tune on N articles of the split; 0 = as many as tune.tokens "
+                                                "(30,000) needs (default: tune.articles)")
     p.add_argument("--skip-articles", type=int, metavar="N",
                    help="leave out the split's first N articles, e.g. those an evaluation scores "
                         "(default: tune.skip_articles, 0)")

@@ -89,19 +89,27 @@ class EvalConfig:
 
 @dataclass
 class RuleConfig:
-    """Online update rules; all act on the LSTM weights of `layers` (empty = all layers)."""
+    """Online update rules. `weights` / `dyneval_weights` say which weights a rule rewrites:
+    `lstm` (the LSTM weights of `layers`, empty = all layers) or `all` (also embeddings and
+    softmax, one copy per stream). A mode name may override it: `dyneval@lstm`, `sgd@all`."""
     layers: list[int] = field(default_factory=list)
+    weights: str = "lstm"  # lstm | all: what sgd, adam and learned rewrite
     sgd_lr: float = 0.05
+    dyneval_weights: str = "all"  # lstm | all: Krause et al. rewrite every weight
     dyneval_lr: float = 2e-5  # Krause: dW = lamb*decrate*(theta0-theta) - lr*g/(MS+eps)
     dyneval_lamb: float = 2e-3
     dyneval_eps: float = 2e-5
-    dyneval_all_weights: bool = False  # also adapt embeddings/softmax (per-stream copies: B x their memory)
-    grad_rms_chunks: int = 200  # training chunks averaged for the MS statistics (x eval.batch_size segments)
+    grad_stat: str = "batch"  # batch: Krause's gradstat, RMS of the gradient of a batch's mean loss | stream: of each stream's own
+    grad_stat_streams: int = 100  # batch: parallel training streams per gradient (Krause's 100)
+    grad_rms_chunks: int = 0  # training segments averaged for MS (0 = the whole training split, as Krause)
+    adam_lr: float = 1e-3  # `adam` control: theta' = theta0 + (1 - decay)(theta - theta0) - lr * clip(g / sqrt(v))
+    adam_decay: float = 1e-3  # its constant decay towards theta0 per update
     cache_window: int = 2000  # neural cache (Grave et al. 2016): positions remembered (their WikiText-2 size)
     cache_theta: float = 0.3  # flatness of the cache attention exp(theta * h_t . h_i)
     cache_lambda: float = 0.1  # p = (1 - lambda) p_LM + lambda p_cache
     learner: str = "ff"  # ff (feed-forward) | rnn (recurrent: previous gates, or a GRU cell if hidden > 0)
     learner_hidden: int = 0  # 0: gates linear in the features (cheap); > 0: MLP / GRU of this width
+    learner_features: str = "magnitude"  # magnitude (|g|, |step|, |drift|, agreement, F) | signed (v1); a loaded state keeps its own
     forget_bias: float = 5.0  # sigmoid(5) = 0.993 per update: keep the weights at first
     init_lr: float = 3e-4  # step size of an untrained learner (per tensor, learned)
     max_step: float = 3.0  # bound on the normalised step, so updates cannot run away
@@ -110,21 +118,27 @@ class RuleConfig:
 
 @dataclass
 class TuneConfig:
-    """`dynlm tune`: grid search of the baselines' rule.* values on `articles` articles of `split`,
-    after the first `skip_articles` (skip the articles an evaluation scores, so they stay unseen). A
-    best value on the edge of its grid extends that grid one step (up to `max_extensions` times per
-    mode). Per-update rates (sgd_lr, dyneval_lr, dyneval_lamb) are given at
-    `reference_segment_length` and scaled by eval.segment_length / reference_segment_length."""
+    """`dynlm tune`: grid search of each mode's rule.* values on validation text the evaluation does
+    not score: after the first `skip_articles` articles of `split`, `articles` articles, or (0) as many
+    as give at least `tokens` tokens. A best value on the edge of its grid extends that grid one step
+    (up to `max_extensions` times per mode). Per-update rates (sgd_lr, dyneval_lr, dyneval_lamb,
+    adam_lr, adam_decay) are given at `reference_segment_length` and scaled by eval.segment_length /
+    reference_segment_length. A `MODE+cache` mode keeps MODE's tuned values and the cache's tuned
+    theta and grid-searches `combo_axes` (the interpolation weight by default)."""
     split: str = "valid"
-    articles: int = 10  # 0 = the rest of the split
+    articles: int = 0  # 0 = as many articles as `tokens` needs (tokens 0: the rest of the split)
+    tokens: int = 30000  # Krause et al. tuned on 30k validation tokens (--gridfast)
     skip_articles: int = 0
     modes: list[str] = field(default_factory=lambda: ["sgd", "dyneval", "cache"])
     reference_segment_length: int = 5  # Krause's LSTM segment length, where his grid below lives
     sgd_lr: list[float] = field(default_factory=lambda: [1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2])
     dyneval_lr: list[float] = field(default_factory=lambda: [3e-5, 4e-5, 5e-5, 6e-5, 7e-5, 1e-4])  # Krause
     dyneval_lamb: list[float] = field(default_factory=lambda: [1e-3, 2e-3, 3e-3, 5e-3])  # Krause
+    adam_lr: list[float] = field(default_factory=lambda: [3e-5, 1e-4, 3e-4])
+    adam_decay: list[float] = field(default_factory=lambda: [3e-4, 1e-3, 3e-3])
     cache_theta: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.5, 0.8])
     cache_lambda: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.15, 0.2, 0.3])
+    combo_axes: list[str] = field(default_factory=lambda: ["cache_lambda"])  # searched for MODE+cache
     max_extensions: int = 3
 
 
@@ -288,9 +302,19 @@ def _looks_numeric(raw: str) -> bool:
         return False
 
 
+def migrate(data: dict) -> dict:
+    """A config dict written by an earlier version, in today's keys (checkpoints keep their config)."""
+    rule = data.get("rule")
+    if isinstance(rule, dict) and "dyneval_all_weights" in rule:
+        rule = dict(rule)
+        rule["dyneval_weights"] = "all" if rule.pop("dyneval_all_weights") else "lstm"
+        data = {**data, "rule": rule}
+    return data
+
+
 def load_config(paths: list[str | Path] = (), overrides: list[str] = (), base: dict | None = None) -> Config:
     """Defaults <- `base` dict (e.g. a checkpoint's config) <- YAML files <- overrides."""
-    data: dict = base or {}
+    data: dict = migrate(base or {})
     for p in paths:
         p = Path(p)
         if not p.exists():

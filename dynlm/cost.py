@@ -15,7 +15,9 @@ be, on a short run of the real-size model on CPU, and scaled to the configured b
   same runs, plus weights, gradients and optimizer state; float32 (bf16 autocast keeps
   some activations at half that: an upper bound). A checkpointed meta-step keeps each chunk step's
   inputs (every stream's fast weights, rule state, hidden state and inner gradient) plus one step's
-  activations while it is recomputed.
+  activations while it is recomputed. Meta-training also keeps, from one meta-step to the next, the
+  last chunk's update held back at truncation (its fast weights, inner gradient and rule state per
+  stream), replayed in the next step's graph.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from .config import Config
 from .data.streams import Chunk
 from .model import LSTMLM
 from .rules import adapted_names, make_rule
-from .unroll import chunk_step, start_reader
+from .unroll import TruncatedUnroll
 
 GIB = 2**30
 PROBE_LENGTHS = (4, 8)  # tokens per stream in the two short runs the linear fits go through
@@ -105,6 +107,7 @@ def _minus(a: Measured, b: Measured, times: float = 1.0) -> Measured:
 def static_training_cost(cfg: Config, vocab: int) -> dict:
     """One static training step of train.batch_size x train.bptt tokens (AdamW, fp32 master weights)."""
     lm = LSTMLM(cfg.model, vocab)
+    lm.fuse_single_stream = False  # count the per-stream ops one stream at a time (fused kernels hide them)
     params = {k: v.requires_grad_() for k, v in lm.init_params(seed=0).items()}
 
     def step(length: int) -> Measured:
@@ -139,6 +142,7 @@ def meta_training_cost(cfg: Config, vocab: int) -> dict:
     rule_cfg = copy.deepcopy(cfg.rule)
     rule_cfg.compile = False  # compilation changes neither the FLOPs nor what is saved
     lm = LSTMLM(cfg.model, vocab)
+    lm.fuse_single_stream = False  # count the per-stream ops one stream at a time (fused kernels hide them)
     params = lm.init_params(seed=0)
     names = adapted_names(lm, rule_cfg, "learned", params)
     rule = make_rule("learned", rule_cfg, names)
@@ -148,13 +152,10 @@ def meta_training_cost(cfg: Config, vocab: int) -> dict:
 
     def unroll(streams: int, length: int, k: int) -> Measured:
         def run():
-            reader, loss = start_reader(lm, theta0, rule, names, streams, "cpu"), 0.0
-            for i in range(k):
-                nll, reader, _ = chunk_step(lm, {**static, **theta0}, theta0, rule, reader,
-                                            _tokens(streams, length, vocab, seed=i), meta=True,
-                                            second_order=m.second_order)
-                loss = loss + nll.mean()
-            loss.backward()
+            step = TruncatedUnroll(lm, rule, k, second_order=m.second_order)(
+                {**static, **theta0}, theta0, None, [_tokens(streams, length, vocab, seed=i) for i in range(k)])
+            (step.nll / step.tokens).backward()
+            reader = step.reader
             # what a checkpointed step keeps per stream: its inputs, and the inner gradient (fast weights' size)
             state = [*reader.fast.values(), *reader.rule_state.values(), *[t for hc in reader.hidden for t in hc]]
             carried[streams] = (sum(t.nbytes for t in state) + sum(t.nbytes for t in reader.fast.values())) / streams
@@ -181,6 +182,7 @@ def meta_training_cost(cfg: Config, vocab: int) -> dict:
         weights += 12 * sum(theta0[k].numel() for k in names)
     activations = shared.saved_bytes + (step_bytes * m.batch_size + carried[1] * steps if m.checkpoint
                                         else step_bytes * steps)
+    activations += carried[1] * m.batch_size  # the update held back at truncation, replayed in the next step
     recompute = 4 / 3 if m.checkpoint else 1.0  # a checkpoint runs each forward twice (forward ~ 1/3 of fwd + bwd)
     flops = (per_stream_step.flops * steps + step_shared.flops * m.unroll) * recompute
     traffic = (per_stream_step.traffic_bytes * steps + step_shared.traffic_bytes * m.unroll) * recompute
@@ -192,7 +194,8 @@ def meta_training_cost(cfg: Config, vocab: int) -> dict:
             "memory_bytes": weights + activations,
             "memory_note": ("weights + each chunk step's inputs per stream (fast weights, rule state, hidden, inner "
                             "gradient) + one step's activations" if m.checkpoint else
-                            "weights + every chunk step's saved activations and weight copies")}
+                            "weights + every chunk step's saved activations and weight copies")
+                           + " + the update held back at truncation"}
 
 
 def format_costs(costs: list[dict], tflops: float, bandwidth_tb_s: float) -> str:

@@ -43,13 +43,14 @@ class TokenScores:
                            self.drift)
 
 
-DRIFT_EVERY = 10  # chunks between drift measurements (one extra pass over the fast weights each)
+DRIFT_EVERY_TOKENS = 200  # tokens per stream between drift measurements (each one pass over the fast weights)
 
 
-def relative_drift(fast: Params, theta0: Params) -> Tensor:
-    """||theta - theta0|| / ||theta0|| over all adapted weights, per stream: (B,)."""
-    num = sum((w - theta0[k]).pow(2).flatten(1).sum(1) for k, w in fast.items())
-    den = sum(theta0[k].pow(2).sum() for k in fast)
+def relative_drift(fast: Params, theta0: Params, theta0_sq: Tensor | None = None) -> Tensor:
+    """||theta - theta0|| / ||theta0|| over all adapted weights, per stream: (B,). theta0_sq: the
+    denominator's sum of squares, when the caller keeps it (it does not change while reading)."""
+    num = sum(torch.linalg.vector_norm((w - theta0[k]).flatten(1), dim=1).square() for k, w in fast.items())
+    den = theta0_sq if theta0_sq is not None else sum(theta0[k].square().sum() for k in fast)
     return (num / den).sqrt()
 
 
@@ -68,6 +69,8 @@ def score(
     memory = empty_cache(layout.n_streams, cache.window, lm.sizes[-1], device, dtype) if cache else None
     cols: list[list[np.ndarray]] = [[], [], [], []]
     drift, tokens_read = [], 0
+    drift_every = max(1, DRIFT_EVERY_TOKENS // segment_length)  # chunks
+    theta0_sq = sum(theta0[k].square().sum() for k in reader.fast) if reader.fast else None
     start = time.perf_counter()
     for i, chunk in enumerate(tqdm(layout, desc=desc, leave=False, mininterval=2)):
         chunk = chunk.to(device)
@@ -84,8 +87,10 @@ def score(
         for col, t in zip(cols, (chunk.article[m], chunk.position[m], chunk.targets[m], nll[m].double())):
             col.append(t.cpu().numpy())
         tokens_read += int(m.sum())
-        if reader.fast and (i % DRIFT_EVERY == 0 or i == len(layout) - 1):  # can the weights run away?
-            d = relative_drift(reader.fast, theta0)[m.any(1)]
+        if reader.fast and (i % drift_every == 0 or i == len(layout) - 1):  # can the weights run away?
+            # first apply the decay a sparse row update (rules.base.LazyRows) holds back
+            reader.fast, reader.rule_state = rule.materialise(reader.fast, theta0, reader.rule_state)
+            d = relative_drift(reader.fast, theta0, theta0_sq)[m.any(1)]
             if len(d):
                 drift.append((tokens_read, float(d.mean()), float(d.max())))
     scores = TokenScores(*(np.concatenate(c) for c in cols), seconds=time.perf_counter() - start,

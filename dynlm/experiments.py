@@ -49,8 +49,9 @@ from .report import render_report
 from .train.meta import check_meta_config, metatrain
 from .train.setup import prepare_data
 from .train.static import check_train_config, train_static
-from .tune import MODE_AXES, TUNED_FILE, article_range, read_tuned, tune_checkpoint, tuned_in_effect
-from .experiments_registry import (WORD_VOCAB, BASES, CORPUS, EXPERIMENTS, EXPERIMENTS_DIR, META_FILES, README_FILE, REPO,
+from .modes import parse_mode, protocol_of
+from .tune import article_range, mode_grids, read_tuned, tune_checkpoint, tune_dir, tuned_in_effect, tuned_path
+from .experiments_registry import (experiment_file, WORD_VOCAB, BASES, CORPUS, EXPERIMENTS, EXPERIMENTS_DIR, META_FILES, README_FILE, REPO,
                                    RESULTS_FILE, SCALES, SPLIT, Arm, Experiment, at_scale, get_experiment)
 
 RECORD = "runner.json"  # what the runner wrote next to a stage's outputs: its key, commit, command
@@ -82,7 +83,7 @@ def experiment_configs(exp: Experiment, scale: str, overrides: list[str] = ()) -
     if scale not in SCALES:
         raise ConfigError(f"unknown scale {scale!r}; valid: {', '.join(SCALES)}")
     overrides = [o.lstrip("-") for o in overrides]
-    static_files = [EXPERIMENTS_DIR / f for f in BASES[exp.base][scale]]
+    static_files = [experiment_file(f) for f in BASES[exp.base][scale]]
     # eval/rule/meta/... overrides must not make a new base model: it is shared across experiments
     static = load_config(static_files, [o for o in overrides if _section(o) in STATIC_SECTIONS])
     check_train_config(static)
@@ -90,7 +91,7 @@ def experiment_configs(exp: Experiment, scale: str, overrides: list[str] = ()) -
     for arm in exp.arms:
         names = [*BASES[exp.base][scale], *(META_FILES[scale] if exp.learner else ()),
                  *at_scale(exp.files, scale), *at_scale(arm.files, scale)]
-        files = [EXPERIMENTS_DIR / n for n in names]
+        files = [experiment_file(n) for n in names]
         cfg = load_config(files, overrides)
         changed = _mismatches(static_key(to_dict(static)), static_key(to_dict(cfg)))
         if changed:
@@ -123,9 +124,10 @@ def _select(cfg_dict: dict, keys, ignore=()) -> dict:
 STATIC_IGNORE = ("data.cache_dir", "train.log_every", "train.keep_checkpoints", "train.max_bad_steps", "train.device")
 META_IGNORE = ("data.cache_dir", "meta.log_every", "meta.checkpoint_every", "meta.keep_checkpoints",
                "meta.max_bad_steps")
-LEARNER_RULE = ("rule.learner", "rule.learner_hidden", "rule.forget_bias", "rule.init_lr", "rule.max_step",
-                "rule.layers")
-BASELINE_RULE = ("rule.layers", "rule.dyneval_eps", "rule.dyneval_all_weights", "rule.grad_rms_chunks",
+LEARNER_RULE = ("rule.learner", "rule.learner_hidden", "rule.learner_features", "rule.forget_bias", "rule.init_lr",
+                "rule.max_step", "rule.layers", "rule.weights")
+BASELINE_RULE = ("rule.layers", "rule.weights", "rule.dyneval_weights", "rule.dyneval_eps", "rule.grad_stat",
+                 "rule.grad_stat_streams", "rule.grad_rms_chunks", "rule.max_step",
                  "rule.cache_window")  # the baselines' settings that tuning does not search
 
 
@@ -464,33 +466,44 @@ class ExperimentRunner:
         return self.base_checkpoint()
 
     # -- keys of tuning and evaluation ----------------------------------------------------------
-    def tune_key(self, ckpt: Path, cfg: Config, mode: str) -> dict:
-        axes = MODE_AXES[mode]
+    def tune_key(self, ckpt: Path, cfg: Config, mode: str, learner: Path | None = None) -> dict:
+        axes = mode_grids(parse_mode(mode), cfg)
         settings = _select(to_dict(cfg), ("data", "model", "eval.segment_length", "eval.batch_size", "eval.boundary",
-                                          "tune.split", "tune.articles", "tune.skip_articles",
-                                          "tune.reference_segment_length",
+                                          "tune.split", "tune.articles", "tune.tokens", "tune.skip_articles",
+                                          "tune.reference_segment_length", "tune.combo_axes",
                                           "tune.max_extensions", *[f"tune.{a}" for a in axes], *BASELINE_RULE,
                                           "train.bf16"), ("data.cache_dir",))
-        return {"weights": weights_fingerprint(ckpt, with_learner=False), "mode": mode, **settings}
+        key = {"weights": weights_fingerprint(ckpt, with_learner=False), "mode": mode, **settings}
+        if learner is not None:  # learned+cache: the learner is part of what was tuned
+            key["learner"] = weights_fingerprint(learner) if learner.is_file() else None
+        return key
+
+    def explicit_rule_keys(self, ac: ArmConfig) -> set[str]:
+        """rule.* keys the arm's files or the command line set: they win over RUN/tuned.yaml."""
+        keys = {o.lstrip("-").split("=", 1)[0].removeprefix("rule.") for o in self.overrides
+                if o.lstrip("-").startswith("rule.")}
+        for f in ac.files:
+            data = yaml.safe_load(Path(f).read_text()) or {}
+            keys |= set(data.get("rule") or {})
+        return keys
 
     def eval_cfg(self, ac: ArmConfig) -> tuple[Config, dict | None]:
-        """The arm's config with the tuned baseline values under it (files and overrides still win),
-        as `dynlm evaluate` loads RUN/tuned.yaml; plus what summary.json records about them."""
+        """The arm's config, and the tuned values per mode that `evaluate` puts over it (as `dynlm evaluate`
+        loads RUN/tuned.yaml; the arm's files and overrides still win): {"path", "target", "modes"}."""
         if not self.exp.tune:
             return ac.cfg, None
         target = self.tune_target(ac)
-        tuned = target.parent.parent / TUNED_FILE
+        tuned = tuned_path(target, ac.cfg)
         if not tuned.is_file():
             return ac.cfg, None
-        values = read_tuned(tuned)
-        cfg = load_config(ac.files, [o.lstrip("-") for o in self.overrides],
-                          base={"rule": {k.removeprefix("rule."): v for k, v in values.items()}})
-        return cfg, {"path": tuned, "target": target}
+        modes = {m: v for m, v in read_tuned(tuned).items() if m in self.exp.modes}
+        return ac.cfg, {"path": tuned, "target": target, "modes": modes}
 
-    def eval_key(self, ckpt: Path, cfg: Config) -> dict:
+    def eval_key(self, ckpt: Path, cfg: Config, tuned: dict | None = None) -> dict:
         settings = _select(to_dict(cfg), ("eval", "rule", "data", "model", "train.bf16"),
                            ("eval.modes", "rule.compile", "data.cache_dir"))
-        return {"weights": weights_fingerprint(ckpt), "split": SPLIT, "modes": list(self.exp.modes), **settings}
+        return {"weights": weights_fingerprint(ckpt), "split": SPLIT, "modes": list(self.exp.modes), **settings,
+                "tuned": (tuned or {}).get("modes", {})}
 
     def eval_dir(self, ac: ArmConfig) -> Path:
         return self.exp_dir / ac.arm.name / f"eval_{SPLIT}"
@@ -579,24 +592,30 @@ class ExperimentRunner:
     def _tune_stage(self, arms: list[ArmConfig]) -> Stage:
         ac, modes = arms[0], list(self.exp.tune)
         t = ac.cfg.tune
+        # learned+cache reads the arm's learner (tuned once, with the first arm's: one arm in practice)
+        learner = self.checkpoint_for(ac) if any(parse_mode(m).rule == "learned" for m in modes) else None
 
         def todo() -> tuple[Path, list[str]]:
             target = self.tune_target(ac)
             if not target.is_file():
                 return target, modes
-            records = _read_json(target.parent.parent / "tune" / RECORD) or {}
-            tuned = target.parent.parent / TUNED_FILE
+            records = _read_json(tune_dir(target, ac.cfg) / RECORD) or {}
+            tuned = tuned_path(target, ac.cfg)
             have = read_tuned(tuned) if tuned.is_file() else {}
 
             def done(m):  # same key, and tuned.yaml still holds what that tuning found (not edited since)
                 r = records.get(m, {})
-                return (r.get("key") == self.tune_key(target, ac.cfg, m) and bool(r.get("values"))
-                        and all(have.get(k) == v for k, v in r["values"].items()))
-            return target, [m for m in modes if m in self.redo_modes or not done(m)]
+                key = self.tune_key(target, ac.cfg, m, learner if parse_mode(m).rule == "learned" else None)
+                return r.get("key") == key and bool(r.get("values")) and have.get(m) == r["values"]
+            missing = {m for m in modes if m in self.redo_modes or not done(m)}
+            # a MODE+cache starts from MODE's and the cache's tuned values: retuned with them
+            missing |= {m for m in modes if parse_mode(m).cache and parse_mode(m).adapts
+                        and ({parse_mode(m).base.name, "cache"} & missing)}
+            return target, [m for m in modes if m in missing]
 
         def check():
             target, missing = todo()
-            where = f"{target.parent.parent / TUNED_FILE}"
+            where = f"{tuned_path(target, ac.cfg)}"
             if not missing:
                 return True, f"done: {where} (tuned on these weights and settings)"
             return False, f"tune {', '.join(missing)} -> {where}"
@@ -604,18 +623,25 @@ class ExperimentRunner:
         def run():
             target, missing = todo()
             ck = load_checkpoint(target)
-            started = time.perf_counter()
-            result = tune_checkpoint(ck, target, ac.cfg, missing, t.split, t.articles, t.skip_articles)
-            path = target.parent.parent / "tune" / RECORD
-            records = _read_json(path) or {}
-            for m in missing:
-                values = {f"rule.{a}": result["best"][a] for a in MODE_AXES[m]}
-                records[m] = {"key": self.tune_key(target, ac.cfg, m), "values": values, "commit": self.commit,
-                              "command": self.command, "finished": _now(), "seconds": time.perf_counter() - started}
-            _write_json(path, records)
+            learner_state = load_checkpoint(learner)["learner"] if learner is not None else None
+            path = tune_dir(target, ac.cfg) / RECORD
+            for m in missing:  # one mode at a time, each recorded as it finishes: a stopped tuning resumes
+                started = time.perf_counter()
+                result = tune_checkpoint(ck, target, ac.cfg, [m], t.split, t.articles, t.skip_articles,
+                                         learner_state=learner_state)
+                records = _read_json(path) or {}
+                records[m] = {"key": self.tune_key(target, ac.cfg, m, learner if parse_mode(m).rule == "learned" else None),
+                              "values": result["best"][m], "on_edge": result["on_edge"][m],
+                              "tuned_on": {k: result[k] for k in ("split", "skip_articles", "n_articles", "n_tokens",
+                                                                  "protocol")},
+                              "commit": self.commit, "command": self.command, "finished": _now(),
+                              "seconds": time.perf_counter() - started}
+                _write_json(path, records)
 
-        return Stage("tune", f"{', '.join(modes)} on {t.split} {article_range(t.skip_articles, t.articles)}, "
-                             f"segment length {ac.cfg.eval.segment_length}", check, run)
+        where = (article_range(t.skip_articles, t.articles) if t.articles
+                 else f"articles after the first {t.skip_articles} (at least {t.tokens:,} tokens)")
+        return Stage("tune", f"{', '.join(modes)} on {t.split} {where}, protocol {protocol_of(ac.cfg.eval)}",
+                     check, run)
 
     def _eval_stage(self, ac: ArmConfig) -> Stage:
         def state() -> tuple[Path, Config, dict | None, bool]:
@@ -624,7 +650,7 @@ class ExperimentRunner:
             out = self.eval_dir(ac)
             record = _read_json(out / RECORD)
             done = (ckpt.is_file() and (out / "summary.json").is_file() and record is not None
-                    and record.get("key") == self.eval_key(ckpt, cfg))
+                    and record.get("key") == self.eval_key(ckpt, cfg, tuned))
             return ckpt, cfg, tuned, done
 
         def others() -> list[tuple[Path, dict]]:
@@ -636,34 +662,39 @@ class ExperimentRunner:
                     found.append((d, (_read_json(record_path) or {}).get("key") or {}))
             return found
 
-        def same_elsewhere(ckpt: Path, cfg: Config) -> Path | None:
+        def same_elsewhere(ckpt: Path, cfg: Config, tuned: dict | None) -> Path | None:
             """Another experiment's evaluation with this key (the ablations share their reference arm)."""
             if "evaluate" in self.redo or not ckpt.is_file():
                 return None
-            key = self.eval_key(ckpt, cfg)
+            key = self.eval_key(ckpt, cfg, tuned)
             return next((d for d, other in others() if other == key), None)
 
-        def superset_elsewhere(ckpt: Path, cfg: Config) -> Path | None:
+        def superset_elsewhere(ckpt: Path, cfg: Config, tuned: dict | None) -> Path | None:
             """Another experiment's evaluation of the same base weights, settings and articles with more
             modes (the baselines inside 2-level): without `learned`, the learner is not read, so this
             evaluation is those modes' results, taken out of it rather than computed again."""
             if "evaluate" in self.redo or "learned" in self.exp.modes or not ckpt.is_file():
                 return None
-            settings = _without(self.eval_key(ckpt, cfg), "weights", "modes")
+            settings = _without(self.eval_key(ckpt, cfg, tuned), "weights", "modes", "tuned")
+            mine = self.eval_key(ckpt, cfg, tuned)["tuned"]
             base = weights_fingerprint(ckpt, with_learner=False)
-            return next((d for d, other in others() if _without(other, "weights", "modes") == settings
+
+            def same_tuned(other: dict) -> bool:  # the modes taken ran with the same tuned values
+                return all(other.get("tuned", {}).get(m) == mine.get(m) for m in self.exp.modes)
+            return next((d for d, other in others() if _without(other, "weights", "modes", "tuned") == settings
+                         and same_tuned(other)
                          and set(self.exp.modes) <= set(other.get("modes", ()))
                          and str(other.get("weights", "")).split("+")[0] == base), None)
 
         def check():
-            ckpt, cfg, _, done = state()
+            ckpt, cfg, tuned, done = state()
             out = self.eval_dir(ac)
             if done:
                 return True, f"done: {out} (same weights, modes and settings)"
-            other = same_elsewhere(ckpt, cfg)
+            other = same_elsewhere(ckpt, cfg, tuned)
             if other:
                 return False, f"copy {other} (same weights, modes and settings) -> {out}"
-            other = superset_elsewhere(ckpt, cfg)
+            other = superset_elsewhere(ckpt, cfg, tuned)
             if other:
                 return False, f"take {', '.join(self.exp.modes)} out of {other} (same base weights and settings) -> {out}"
             return False, f"evaluate {ckpt} -> {out}"
@@ -671,27 +702,29 @@ class ExperimentRunner:
         def run():
             ckpt, cfg, tuned, _ = state()
             out = self.eval_dir(ac)
-            other = same_elsewhere(ckpt, cfg)
+            other = same_elsewhere(ckpt, cfg, tuned)
             if other:  # its record (commit, command, time) stays with the copied numbers
                 shutil.rmtree(out, ignore_errors=True)
                 shutil.copytree(other, out)
                 (out.parent / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
                 return
-            other = superset_elsewhere(ckpt, cfg)
+            other = superset_elsewhere(ckpt, cfg, tuned)
             if other:
                 take_modes(other, out, list(self.exp.modes), cfg.report)
                 record = _read_json(other / RECORD)
-                _write_json(out / RECORD, {**record, "key": self.eval_key(ckpt, cfg), "taken_from": str(other)})
+                _write_json(out / RECORD, {**record, "key": self.eval_key(ckpt, cfg, tuned), "taken_from": str(other)})
                 (out.parent / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
                 return
             previous = _read_json(out / "summary.json") if "evaluate" in self.redo else None
             previous_threads = (_read_json(out / RECORD) or {}).get("threads") if previous else None
             ck = load_checkpoint(ckpt)
-            info = tuned_in_effect(tuned["path"], tuned["target"], cfg) if tuned else None
+            scored = (0, cfg.eval.max_articles or 10**9)
+            info = (tuned_in_effect(tuned["path"], tuned["target"], cfg, self.explicit_rule_keys(ac), scored)
+                    if tuned else None)
             started = time.perf_counter()
             evaluate_checkpoint(ck, ckpt, cfg, SPLIT, list(self.exp.modes), out, tuned=info)
             (out.parent / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-            _write_json(out / RECORD, {"key": self.eval_key(ckpt, cfg), "checkpoint": str(ckpt),
+            _write_json(out / RECORD, {"key": self.eval_key(ckpt, cfg, tuned), "checkpoint": str(ckpt),
                                        "commit": self.commit, "command": self.command, "finished": _now(),
                                        "seconds": time.perf_counter() - started,
                                        "threads": torch.get_num_threads()})
@@ -786,7 +819,10 @@ PUBLISHED_WT2 = (  # published WikiText-2 perplexities of much larger models: re
     ("AWD-LSTM + neural cache (Merity et al., 2018)", "", "52.0"),
     ("meta-learned dynamical LM, ACL 2018 version (Wolf, Chaumond & Delangue)", "", "46.9"),
 )
-MODE_ORDER = ("static", "sgd", "dyneval", "cache", "learned")
+MODE_ORDER = ("static", "sgd", "dyneval", "cache", "learned")  # the overview's columns
+COMPARISON_ORDER = ("static", "sgd", "dyneval", "dyneval@lstm", "adam", "learned", "cache", "sgd+cache",
+                    "dyneval+cache", "adam+cache", "learned+cache")
+PROTOCOL_EXPERIMENTS = (("article", "2-level"), ("krause", "krause"))  # the comparison table's columns
 README_BEGIN = "<!-- BEGIN generated: dynlm experiment --results (CPU WikiText-2 table); do not edit by hand -->"
 README_END = "<!-- END generated: dynlm experiment --results -->"
 
@@ -839,21 +875,58 @@ def overview_table(records: list[dict], scale: str) -> str:
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
-def goal_note(records: list[dict], scale: str) -> str:
-    """Does the learned rule beat tuned dynamic evaluation on the same base and articles (2-level)?"""
-    r = next((r for r in records if r["scale"] == scale and r["experiment"] == "2-level"), None)
-    s = ((r or {}).get("arms") or [{}])[0].get("summary")
-    if not s or not {"learned", "dyneval", "static"} <= set(s["modes"]):
+def _summary(records: list[dict], scale: str, experiment: str) -> dict | None:
+    r = next((r for r in records if r["scale"] == scale and r["experiment"] == experiment), None)
+    return ((r or {}).get("arms") or [{}])[0].get("summary")
+
+
+def comparison_table(records: list[dict], scale: str) -> str:
+    """Every mode (rows) under each evaluation protocol (columns) on the same base model and articles."""
+    cols = [(p, _summary(records, scale, e)) for p, e in PROTOCOL_EXPERIMENTS]
+    cols = [(p, s) for p, s in cols if s and s.get("modes")]
+    if not cols:
         return ""
-    learned, dyneval = s["modes"]["learned"], s["modes"]["dyneval"]
-    gap = _ppl(dyneval) - _ppl(learned)
-    verdict = (f"the learned rule beats tuned dynamic evaluation by {gap:.2f} ppl" if gap > 0 else
-               f"the learned rule falls short of tuned dynamic evaluation by {-gap:.2f} ppl "
-               f"({100 * (learned['rel_change_vs_static'] - dyneval['rel_change_vs_static']):+.1f} points of "
-               f"relative change vs static)")
-    return (f"**2-level goal** (learned beats tuned dynamic evaluation on the same base model and articles): "
-            f"learned {_ppl(learned):.2f} ({100 * learned['rel_change_vs_static']:+.1f}% vs static), dyneval "
-            f"{_ppl(dyneval):.2f} ({100 * dyneval['rel_change_vs_static']:+.1f}%): {verdict}.")
+    modes = [m for m in COMPARISON_ORDER if any(m in s["modes"] for _, s in cols)]
+    modes += sorted({m for _, s in cols for m in s["modes"]} - set(modes))
+    head = " | ".join(f"`{s.get('protocol', p)}` protocol ({next(iter(s['modes'].values()))['n_articles']} articles)"
+                      for p, s in cols)
+    lines = [f"| mode | {head} |", "|---|" + "---|" * len(cols)]
+    for m in modes:
+        cells = [_cell(s["modes"], m) or ("not run" if m.startswith("learned") and p == "krause" else "")
+                 for p, s in cols]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def goal_note(records: list[dict], scale: str) -> str:
+    """The headline: where the learned rule stands against tuned dynamic evaluation under the same
+    protocol, on the same weights (dyneval@lstm) and on all weights (Krause's dyneval), and which mode
+    is best of all; said as the numbers say it, also when the learned rule loses."""
+    s = _summary(records, scale, "2-level")
+    if not s or not {"learned", "static"} <= set(s["modes"]):
+        return ""
+    m = s["modes"]
+
+    def cmp(a: str, b: str) -> str:
+        gap = _ppl(m[b]) - _ppl(m[a])
+        return (f"{a} {_ppl(m[a]):.2f} vs {b} {_ppl(m[b]):.2f}: {a} "
+                + (f"wins by {gap:.2f} ppl" if gap > 0 else f"loses by {-gap:.2f} ppl"))
+    parts = [cmp("learned", d) for d in ("dyneval@lstm", "dyneval") if d in m]
+    if "learned+cache" in m:
+        parts.append(cmp("learned+cache", "dyneval+cache") if "dyneval+cache" in m else "")
+    best = min(m, key=lambda k: _ppl(m[k]))
+    text = (f"**Headline** (`{s.get('protocol', '?')}` protocol, one base model, the first {m['static']['n_articles']} validation "
+            f"articles, every baseline tuned on other validation articles): " + "; ".join(p for p in parts if p)
+            + f". Best of all modes: {best} ({_ppl(m[best]):.2f}, {100 * m[best]['rel_change_vs_static']:+.1f}% "
+            f"vs static).")
+    k = _summary(records, scale, "krause")
+    if k and "dyneval" in k["modes"] and "static" in k["modes"]:
+        km = k["modes"]
+        kbest = min(km, key=lambda x: _ppl(km[x]))
+        text += (f" Under `{k.get('protocol', '?')}` protocol (`dynlm experiment krause`), dyneval (all weights) reaches {_ppl(km['dyneval']):.2f} "
+                 f"({100 * km['dyneval']['rel_change_vs_static']:+.1f}% vs static), best there: {kbest} "
+                 f"({_ppl(km[kbest]):.2f}); no learned rule has been meta-trained for that protocol yet.")
+    return text
 
 
 def published_table() -> str:
@@ -863,10 +936,16 @@ def published_table() -> str:
 
 
 def tuning_articles(r: dict) -> str:
-    """Which validation articles the baselines were tuned on, and whether the evaluation scores them too."""
-    skip, n = r.get("tune_skip_articles", 0), r["tune_articles"]
+    """Which validation text the baselines were tuned on, and whether the evaluation scores it too."""
     scored = [m["n_articles"] for arm in r["arms"] for m in ((arm.get("summary") or {}).get("modes") or {}).values()]
-    where = f"validation {article_range(skip, n)}"
+    on = next(((arm.get("summary") or {}).get("tuned", {}).get("tuned_on") for arm in r["arms"]
+               if (arm.get("summary") or {}).get("tuned", {}).get("tuned_on")), None)
+    if on:
+        skip, n = on.get("skip_articles", 0), on.get("n_articles", 0)
+        where = f"{on.get('split', 'valid')} {article_range(skip, n)} ({on.get('n_tokens', 0):,} tokens)"
+    else:
+        skip, n = r.get("tune_skip_articles", 0), r.get("tune_articles", 0)
+        where = f"validation {article_range(skip, n)}"
     if not scored:
         return f"tuned on {where}"
     apart = skip >= max(scored)  # the evaluation scores the first articles of the split
@@ -875,7 +954,10 @@ def tuning_articles(r: dict) -> str:
 
 def experiment_section(r: dict) -> str:
     lines = [f"### {r['experiment']}: {r['title']}", ""]
-    tune = f" Baselines ({', '.join(r['tuned'])}) {tuning_articles(r)}." if r.get("tuned") else ""
+    tune = f" Tuned modes ({', '.join(r['tuned'])}) {tuning_articles(r)}." if r.get("tuned") else ""
+    protocol = next(((arm.get("summary") or {}).get("protocol") for arm in r["arms"]
+                     if (arm.get("summary") or {}).get("protocol")), None)
+    tune = (f" Protocol: `{protocol}`." if protocol else "") + tune
     lines.append(f"Data: {r.get('data', '?')}. Base model: `{r['base']['run_dir']}` ({', '.join(r['base']['files'])}"
                  + (f"; {r['base']['progress']}" if r['base'].get("progress") else "") + ")." + tune)
     lines += ["", "| arm | mode | valid ppl | per-word ppl | vs static (per token) | tokens/s | tokens | articles |",
@@ -886,7 +968,7 @@ def experiment_section(r: dict) -> str:
         if not s:
             lines.append(f"| {arm['name']} | (not evaluated yet) | | | | | | |")
             continue
-        for mode in [m for m in MODE_ORDER if m in s] + [m for m in s if m not in MODE_ORDER]:
+        for mode in [m for m in COMPARISON_ORDER if m in s] + [m for m in s if m not in COMPARISON_ORDER]:
             m = s[mode]
             rel, tps, word = m.get("rel_change_vs_static"), m.get("tokens_per_s"), m.get("word_ppl")
             cells = [arm["name"], mode, f"{m['ppl']:.2f}", "" if word is None else f"{word:.2f}",
@@ -894,8 +976,10 @@ def experiment_section(r: dict) -> str:
                      f"{m['n_tokens']:,}", str(m["n_articles"])]
             lines.append("| " + " | ".join(cells) + " |")
         rec = arm.get("record", {})
-        tuned = (arm.get("summary") or {}).get("tuned", {}).get("effective")
-        tuned = f"; tuned values {', '.join(f'{k}={v:g}' for k, v in tuned.items())}" if tuned else ""
+        settings = (arm.get("summary") or {}).get("settings") or {}
+        values = [f"{mode} " + ", ".join(f"{k}={v['value']:g}" + ("" if v["source"] == "tuned" else f" ({v['source']})")
+                                        for k, v in vals.items()) for mode, vals in settings.items() if vals]
+        tuned = f"; values (tuned unless marked): {'; '.join(values)}" if values else ""
         subset = (f"first {arm['eval_max_articles']} validation articles (eval.max_articles)"
                   if arm.get("eval_max_articles") else "all validation articles")
         if arm.get("eval_boundary") == "continuous":  # how many boundaries a stream crosses depends on it
@@ -920,6 +1004,9 @@ def render_results(records: list[dict]) -> str:
         out += [f"## {scale.upper() if scale == 'cpu' else 'Paper'} scale ({CORPUS[scale]})", ""]
         table = overview_table(records, scale)
         out += [table, ""] if table else ["No experiment at this scale has been run yet.", ""]
+        comparison = comparison_table(records, scale)
+        if comparison:
+            out += ["### Every mode under both evaluation protocols", "", comparison, ""]
         note = goal_note(records, scale)
         if note:
             out += [note, ""]

@@ -16,7 +16,18 @@ SCALES = ("cpu", "paper")
 CORPUS = {"cpu": "WikiText-2", "paper": "WikiText-103"}
 WORD_VOCAB = {"cpu": 33_278, "paper": 267_735}  # WikiText-2 / WikiText-103 word vocabularies (with <eos>)
 SPLIT = "valid"  # every experiment reports validation perplexity; test stays untouched
-BASELINES = ("sgd", "dyneval", "cache")
+# the compared baselines, each tuned: Krause's dynamic evaluation of all weights and of the LSTM weights
+# only (the same weights as the learned rule), plain SGD, the `adam` control (the learned rule's update
+# family with hand-set values), the neural cache, and the cache on top of each dynamic method
+# (in the order they are tuned and evaluated: the most telling first, so that a stopped run has them)
+BASELINES = ("dyneval", "dyneval@lstm", "cache", "dyneval+cache", "adam", "sgd", "adam+cache", "sgd+cache")
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+
+
+def experiment_file(name: str) -> Path:
+    """An experiment's YAML file: experiments/NAME, or a preset of the package (protocol_krause.yaml)."""
+    own = EXPERIMENTS_DIR / name
+    return own if own.exists() or not (PRESETS_DIR / name).exists() else PRESETS_DIR / name
 
 Files = tuple[str, ...] | dict[str, tuple[str, ...]]  # the same files at both scales, or per scale
 
@@ -67,8 +78,16 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
     Experiment("baselines", "dynamic evaluation (SGD; RMS + decay prior) and the neural cache, tuned, "
                "on the base model", ("static", *BASELINES), tune=BASELINES,
                files={s: (*META_FILES[s], *SUITE_EVAL.get(s, ())) for s in SCALES}),
-    Experiment("2-level", "LSTM + meta-learner rewriting the LSTM weights, reset at article boundaries",
-               ("static", *BASELINES, "learned"), tune=BASELINES, files=SUITE_EVAL),
+    Experiment("2-level", "LSTM + meta-learner rewriting the LSTM weights, reset at article boundaries "
+               "(the `article` protocol), against every tuned baseline",
+               ("static", "learned", *BASELINES[:3], "learned+cache", *BASELINES[3:]),
+               tune=(*BASELINES[:3], "learned+cache", *BASELINES[3:]),
+               files=SUITE_EVAL),
+    Experiment("krause", "the baselines under Krause et al.'s own protocol (the `krause` protocol: one stream "
+               "through the articles, never reset, segments of 5 tokens), tuned on other validation text",
+               ("static", *BASELINES), tune=BASELINES,
+               files={"cpu": (*SUITE_EVAL["cpu"], "protocol_krause.yaml", "wt2_cpu_krause.yaml"),
+                      "paper": ("protocol_krause.yaml",)}),
     Experiment("3-level", "continuous reading across article boundaries, with and without the EWC-style "
                "consolidation towards theta0", ("static", "learned"),
                files={"cpu": ("continuous.yaml", "wt2_cpu_3level.yaml"),

@@ -5,13 +5,17 @@ Renders from DIR/tokens.parquet (and per_article.csv for titles) written by `dyn
 - improvement.png      loss improvement (static NLL - mode NLL, nats/token) against position in the
                        article, averaged over all tokens in position bins; one line per mode
 - improvement_by_position.csv   the numbers behind improvement.png
-- stream.png           instantaneous perplexity gain (static ppl - mode ppl, trailing moving average
-                       within each article) along consecutive articles A, B, C, ... with boundaries
+- stream.png           the paper's figure: per-token improvement (static NLL - mode NLL, nats, trailing
+                       mean within each article) along consecutive articles A, B, C, ... with boundaries
 - histogram.png        per-article relative perplexity change vs static, per mode
 - drift.png            relative weight drift ||theta - theta0|| / ||theta0|| of each adaptive mode
                        against tokens read (from drift.csv): does online adaptation stay bounded?
 - heatmap.html         selected articles, every token coloured by its improvement (blue: mode better,
                        red: worse, white: equal; tooltip with both NLLs); self-contained, no JS
+
+Every y-range (x-range for the histogram) is set by the bulk of the data, not by its outliers
+(`robust_limits`): a spike at an article start is marked with a triangle on the axis edge and its
+peak named in the legend instead of flattening every curve.
 
 Improvement is always measured against the `static` column, so a file without a non-static mode
 has nothing to compare: no plots are drawn and heatmap.html only shows the static NLLs.
@@ -192,7 +196,8 @@ def per_article_rel_change(t: TokenTable, mode: str) -> np.ndarray:
     """ppl_mode / ppl_static - 1 per article."""
     n = np.diff(t.starts)
     diff = np.add.reduceat(t.nll[mode] - t.nll["static"], t.starts[:-1])
-    return np.exp(diff / n) - 1
+    with np.errstate(over="ignore"):  # a diverged mode: inf, an off-scale article in the histogram
+        return np.exp(diff / n) - 1
 
 
 def improvement_color(delta: float, scale: float) -> str:
@@ -202,6 +207,72 @@ def improvement_color(delta: float, scale: float) -> str:
     end = BLUE if delta > 0 else RED
     f = min(abs(delta) / scale, 1.0)
     return "#" + "".join(f"{round(w + (e - w) * f):02x}" for w, e in zip(WHITE, end))
+
+
+OUTLIER_K = 3.0  # a value beyond this many interquartile ranges outside the quartiles is off-scale
+
+
+def robust_limits(series, k: float = OUTLIER_K, pad: float = 0.08, include=(0.0,),
+                  keep: float = 1.5) -> tuple[float, float]:
+    """Axis limits that show the bulk of every series rather than its outliers: per series, the range of
+    its finite values within [q25 - k * IQR, q75 + k * IQR] (Tukey's fences; all of them when IQR is 0);
+    the union over the series and the values in `include`, widened by `pad` of the span on each side.
+    The full range of the data where that is at most `keep` times as wide (nothing worth clipping); a
+    lone spike (a title token at an article start, a diverging step) no longer sets the scale, and
+    `_mark_off_scale` shows where it went."""
+    lo, hi, full = list(include), list(include), list(include)
+    for s in series:
+        v = np.asarray(s, dtype=np.float64)
+        v = v[np.isfinite(v)]
+        if not v.size:
+            continue
+        full += [v.min(), v.max()]
+        q1, q3 = np.percentile(v, [25, 75])
+        if q3 > q1:
+            v = v[(v >= q1 - k * (q3 - q1)) & (v <= q3 + k * (q3 - q1))]
+        lo.append(v.min())
+        hi.append(v.max())
+    if len(full) == len(include):  # no finite value at all
+        return -1.0, 1.0
+    a, b = float(min(lo)), float(max(hi))
+    if max(full) - min(full) <= keep * (b - a):
+        a, b = float(min(full)), float(max(full))
+    span = b - a if b > a else max(abs(a), 1.0)
+    return a - pad * span, b + pad * span
+
+
+def _signed(v: float, unit: str = "") -> str:
+    """+0.657, -2.95, +1,820, +inf: three significant digits without an exponent, then the unit."""
+    return (f"{v:+,.0f}" if math.isfinite(v) and abs(v) >= 1000 else f"{v:+.3g}") + unit
+
+
+def _mark_off_scale(ax, x, y, lo: float, hi: float, color, unit: str = "") -> str:
+    """Triangles on the top (bottom) edge of `ax` at the peak of every run of points above `hi` (below
+    `lo`); returns a legend note ('' when everything is on scale)."""
+    x, y = np.asarray(x), np.asarray(y, dtype=np.float64)
+    notes = []
+    for side, out, extreme, marker, edge in (("▲", y > hi, np.argmax, "^", 0.985),
+                                             ("▼", y < lo, np.argmin, "v", 0.015)):
+        if not out.any():
+            continue
+        idx = np.flatnonzero(out)
+        runs = np.split(idx, np.flatnonzero(np.diff(idx) > 1) + 1)
+        at = [r[extreme(y[r])] for r in runs]
+        ax.plot(x[at], np.full(len(at), edge), linestyle="none", marker=marker, markersize=6, color=color,
+                markeredgecolor="black", markeredgewidth=0.5, clip_on=False, transform=ax.get_xaxis_transform())
+        notes.append(f"{side}{len(runs)} to {_signed(y[at].max() if side == '▲' else y[at].min(), unit)}")
+    return "off-scale " + ", ".join(notes) if notes else ""
+
+
+def _label(text: str) -> str:
+    """Data (mode names, titles) as literal matplotlib text: '$' would start mathtext and a leading '_'
+    hides a legend entry."""
+    text = str(text).replace("$", r"\$")
+    return " " + text if text.startswith("_") else text
+
+
+def _with_note(label: str, note: str) -> str:
+    return f"{_label(label)} ({note})" if note else _label(label)
 
 
 def _letters(i: int) -> str:
@@ -216,82 +287,128 @@ def _letters(i: int) -> str:
 
 # --- figures -------------------------------------------------------------------------------------
 
-def plot_improvement(curve: dict, path: Path) -> None:
-    fig = Figure(figsize=(8, 4.5), dpi=110)
+def plot_improvement(curve: dict, path: Path) -> Figure:
+    fig = Figure(figsize=(8, 4.5), dpi=110, layout="constrained")
     ax = fig.add_subplot()
     x = np.asarray(curve["bin_start"]) + curve["bin_width"] / 2
-    for mode, y in curve["improvement"].items():
-        ax.plot(x, y, marker="o", markersize=3, label=mode)
+    lo, hi = robust_limits(curve["improvement"].values())  # a bin of a few tokens must not set the scale
     ax.axhline(0, color="black", linewidth=0.8)
+    for mode, y in curve["improvement"].items():
+        line, = ax.plot(x, y, marker="o", markersize=3)
+        line.set_label(_with_note(mode, _mark_off_scale(ax, x, y, lo, hi, line.get_color(), " nats")))
+    ax.set_ylim(lo, hi)
     ax.set_xlabel(f"position in article (tokens, bins of {curve['bin_width']})")
-    ax.set_ylabel("static NLL - mode NLL (nats/token)")
+    ax.set_ylabel("static NLL − mode NLL (nats/token)")
     ax.set_title("Loss improvement over static vs position (higher = mode better)")
-    ax.legend(loc="upper left")
     counts = ax.twinx()  # how many articles reach each bin: the tail is a few articles only
     counts.step(x, curve["n_articles"], where="mid", color="grey", alpha=0.35)
     counts.set_ylabel("articles in bin", color="grey")
     counts.set_ylim(bottom=0)
     counts.yaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.tight_layout()
+    counts.legend(*ax.get_legend_handles_labels(), loc="upper left")  # on the twin: drawn above its steps
     fig.savefig(path)
+    return fig
 
 
-def plot_stream(t: TokenTable, n_articles: int, window: int, path: Path) -> None:
-    n_articles = min(n_articles, t.n_articles)
-    end = t.starts[n_articles]
-    starts = t.starts[: n_articles + 1]
-    ppl_static = np.exp(trailing_mean(t.nll["static"][:end], starts, window))
-    fig = Figure(figsize=(11, 4.5), dpi=110)
+STREAM_LABEL_CHARS = 150  # characters of 8-pt article label that fit across the stream figure's axes
+
+
+def stream_improvement(t: TokenTable, n_articles: int, window: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The curves of stream.png: (token offsets of the first `n_articles` articles' starts, then their
+    end; mode -> static NLL - mode NLL in nats, trailing mean over `window` tokens within each article)."""
+    starts = t.starts[: min(n_articles, t.n_articles) + 1]
+    end = int(starts[-1])
+    return starts, {m: trailing_mean(t.improvement(m)[:end], starts, window) for m in t.modes}
+
+
+def _article_label(i: int, title: str, chars: int) -> str:
+    """'A: title', cut to `chars` characters; only the letter where not even a few title characters fit."""
+    label = f"{_letters(i)}: {title}"
+    if len(label) <= chars:
+        return label
+    return label[: chars - 1] + "…" if chars >= len(_letters(i)) + 5 else _letters(i)
+
+
+def plot_stream(t: TokenTable, n_articles: int, window: int, path: Path) -> Figure:
+    """The paper's figure: the smoothed per-token improvement of every mode along consecutive articles,
+    on a y-range set by the bulk of the curves (robust_limits), spikes marked on the edge."""
+    starts, curves = stream_improvement(t, n_articles, window)
+    end = int(starts[-1])
+    lo, hi = robust_limits(curves.values())
+    fig = Figure(figsize=(11, 5), dpi=110, layout="constrained")
     ax = fig.add_subplot()
-    x = np.arange(end)
-    for mode in t.modes:
-        ax.plot(x, ppl_static - np.exp(trailing_mean(t.nll[mode][:end], starts, window)), linewidth=1, label=mode)
+    for i, (s, e) in enumerate(zip(starts[:-1], starts[1:])):
+        if i % 2:
+            ax.axvspan(s, e, color="0.93", linewidth=0, zorder=0)
+        if i:
+            ax.axvline(s, color="grey", linestyle="--", linewidth=0.8)
+        label = _article_label(i, t.titles[i], int(STREAM_LABEL_CHARS * (e - s) / max(end, 1)))
+        ax.text((s + e) / 2, 1.01, _label(label), transform=ax.get_xaxis_transform(), fontsize=8,
+                va="bottom", ha="center", clip_on=False)
     ax.axhline(0, color="black", linewidth=0.8)
-    for i, s in enumerate(starts[:-1]):
-        ax.axvline(s, color="grey", linestyle="--", linewidth=0.8)
-        title = t.titles[i] if len(t.titles[i]) <= 28 else t.titles[i][:27] + "…"
-        ax.text(s, 1.01, f" {_letters(i)}: {title}", transform=ax.get_xaxis_transform(), fontsize=8,
-                va="bottom", ha="left", clip_on=False)
-    ax.set_xlim(0, max(end - 1, 1))
-    ax.set_xlabel("token in the stream of consecutive articles")
-    ax.set_ylabel(f"static ppl - mode ppl\n(trailing mean over {window} tokens)")
-    ax.set_title("Instantaneous perplexity gain over static (higher = mode better)", pad=22)
-    ax.legend(loc="upper right")
-    fig.tight_layout()
+    x = np.arange(end)
+    for mode, y in curves.items():
+        line, = ax.plot(x, y, linewidth=1)
+        line.set_label(_with_note(mode, _mark_off_scale(ax, x, y, lo, hi, line.get_color(), " nats")))
+    ax.set_xlim(0, max(end, 1))
+    ax.set_ylim(lo, hi)
+    ax.set_xlabel("token in the stream of consecutive articles (A, B, …; dashed: article start)")
+    ax.set_ylabel(f"static NLL − mode NLL (nats/token)\ntrailing mean over {window} tokens within the article")
+    ax.set_title("Per-token loss improvement over static along the stream (higher = mode better)", pad=16)
+    handles, labels = ax.get_legend_handles_labels()  # below the axes, as many columns as fit
+    fig.legend(handles, labels, loc="outside lower center", frameon=False, fontsize=9,
+               ncols=max(1, min(len(labels), 130 // (max(map(len, labels), default=0) + 6))))
     fig.savefig(path)
+    return fig
 
 
-def plot_histogram(t: TokenTable, path: Path) -> None:
+def plot_histogram(t: TokenTable, path: Path) -> Figure:
     changes = {m: 100 * per_article_rel_change(t, m) for m in t.modes}
-    allv = np.concatenate(list(changes.values()))
-    edges = np.histogram_bin_edges(allv[np.isfinite(allv)], bins=min(30, max(5, t.n_articles)))
-    fig = Figure(figsize=(8, 4.5), dpi=110)
+    lo, hi = robust_limits(changes.values(), pad=0.0)  # one article a mode wrecked must not set the bins
+    edges = np.linspace(lo, hi, min(30, max(5, t.n_articles)) + 1)
+    fig = Figure(figsize=(8, 4.5), dpi=110, layout="constrained")
     ax = fig.add_subplot()
     for mode, v in changes.items():
-        ax.hist(v[np.isfinite(v)], bins=edges, alpha=0.5, label=f"{mode} (median {np.median(v):+.1f}%)")
+        on = (v >= lo) & (v <= hi)
+        note = f"median {np.median(v):+.1f}%"
+        for side, out, extreme in (("▲", v > hi, np.max), ("▼", v < lo, np.min)):  # ±inf: a diverged article
+            if out.any():
+                note += f", {side}{int(out.sum())} off-scale to {_signed(extreme(v[out]), '%')}"
+        ax.hist(v[on], bins=edges, alpha=0.5, label=_with_note(mode, note))
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_xlabel("per-article perplexity change vs static (%; negative = mode better)")
     ax.set_ylabel("articles")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(f"Per-article relative perplexity change ({t.n_articles} articles)")
     ax.legend()
-    fig.tight_layout()
     fig.savefig(path)
+    return fig
 
 
-def plot_drift(drift_csv: Path, path: Path) -> None:
-    rows = list(csv.DictReader(open(drift_csv)))
-    fig = Figure(figsize=(8, 4.5), dpi=110)
-    ax = fig.add_subplot()
+def plot_drift(drift_csv: Path, path: Path) -> Figure:
+    with open(drift_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    series = {}  # mode -> (tokens read, mean drift, max drift)
     for mode in dict.fromkeys(r["mode"] for r in rows):
-        xs = [int(float(r["tokens_read"])) for r in rows if r["mode"] == mode]
-        ax.plot(xs, [float(r["drift_mean"]) for r in rows if r["mode"] == mode], label=f"{mode} (mean over streams)")
-        ax.plot(xs, [float(r["drift_max"]) for r in rows if r["mode"] == mode], linestyle=":", label=f"{mode} (max)")
+        mine = [r for r in rows if r["mode"] == mode]
+        series[mode] = tuple(np.array([float(r[c]) for r in mine])
+                             for c in ("tokens_read", "drift_mean", "drift_max"))
+    lo, hi = robust_limits([y for _, mean, mx in series.values() for y in (mean, mx)])
+    fig = Figure(figsize=(8, 4.5), dpi=110, layout="constrained")
+    ax = fig.add_subplot()
+    for mode, (xs, mean, mx) in series.items():
+        line, = ax.plot(xs, mean)
+        c = line.get_color()
+        line.set_label(_with_note(f"{mode}, mean over streams", _mark_off_scale(ax, xs, mean, lo, hi, c)))
+        ax.plot(xs, mx, linestyle=":", color=c,
+                label=_with_note(f"{mode}, max over streams", _mark_off_scale(ax, xs, mx, lo, hi, c)))
+    ax.set_ylim(lo, hi)
     ax.set_xlabel("tokens read")
     ax.set_ylabel("||theta - theta0|| / ||theta0||")
     ax.set_title("Weight drift of the adapted LSTM weights while reading")
     ax.legend()
-    fig.tight_layout()
     fig.savefig(path)
+    return fig
 
 
 # --- HTML heat-map -------------------------------------------------------------------------------

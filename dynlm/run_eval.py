@@ -1,11 +1,14 @@
 """`dynlm evaluate`: load a checkpoint, read a split as an article stream, score every mode."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .cache import CacheSettings
@@ -17,11 +20,11 @@ from .device import resolve_device
 from .evaluate import TokenScores, markdown_table, score, write_results
 from .model import LSTMLM
 from .report import check_config, log_report, render_report
-from .rules import RULES, adapted_names, compute_grad_rms, make_rule
+from .rules import adapted_names, compute_grad_rms, make_rule
+from .rules.dyneval import GRAD_STATS
 from .data.streams import StreamLayout
+from .modes import Mode, parse_modes, protocol_of, tuned_keys
 from .tracking import Tracker
-
-MODES = (*RULES, "cache")  # cache: the static model read with the neural cache, no weight updates
 
 
 def run_dir_of(ckpt_path: Path) -> Path:
@@ -42,13 +45,22 @@ def tokenizer_for(ckpt_path: Path, ck: dict):
     return tok
 
 
-def check_modes(modes: list[str], cfg: Config, available=MODES) -> None:
-    """Fail on bad modes or cache settings before any (long) scoring starts."""
-    unknown = [m for m in modes if m not in available]
-    if unknown or not modes:
-        raise ConfigError(f"unknown mode(s) {unknown or modes}; available: {', '.join(available)}")
-    if "cache" in modes:
+def check_modes(modes: list[str], cfg: Config) -> list[Mode]:
+    """Parse the modes and fail on bad names or cache settings before any (long) scoring starts."""
+    parsed = parse_modes(modes)
+    if any(m.cache for m in parsed):
         CacheSettings.from_config(cfg.rule)
+    for m in parsed:
+        if m.adapts:
+            adapted_names_check(cfg, m)
+    return parsed
+
+
+def adapted_names_check(cfg: Config, mode: Mode) -> None:
+    weights = mode.weights or (cfg.rule.dyneval_weights if mode.rule == "dyneval" else cfg.rule.weights)
+    if weights not in ("lstm", "all"):
+        key = "rule.dyneval_weights" if mode.rule == "dyneval" else "rule.weights"
+        raise ConfigError(f"{key}={weights!r}; valid: lstm, all")
 
 
 def params_fingerprint(params) -> str:
@@ -62,46 +74,145 @@ def params_fingerprint(params) -> str:
 
 
 def grad_rms_for(run_dir: Path, lm, params, cfg: Config, tok, device) -> dict:
-    """dyneval's MS at the evaluation segment length, computed once and kept in RUN/grad_rms/."""
+    """dyneval's MS (compute_grad_rms) at the evaluation segment length, for every weight (dyneval on the
+    LSTM weights alone takes its subset, so `dyneval` and `dyneval@lstm` share one file), computed once
+    and kept in RUN/grad_rms/ under a key of everything it depends on.
+
+    rule.grad_stat=batch (Krause et al.'s gradstat): the gradient of the mean loss over
+    rule.grad_stat_streams training streams, read continuously with the shared weights; stream: of each
+    stream's own loss over eval.batch_size streams, with eval.boundary. rule.grad_rms_chunks segments
+    (chunks of the layout), 0 for the whole training split."""
     e, r = cfg.eval, cfg.rule
-    names = adapted_names(lm, r, "dyneval", params)
+    if r.grad_stat not in GRAD_STATS:
+        raise ConfigError(f"rule.grad_stat={r.grad_stat!r}; valid: {', '.join(GRAD_STATS)}")
+    if r.grad_stat == "batch" and r.grad_stat_streams < 1:
+        raise ConfigError(f"rule.grad_stat_streams must be >= 1, got {r.grad_stat_streams}")
+    names = list(params)
+    streams, boundary = (r.grad_stat_streams, "continuous") if r.grad_stat == "batch" else (e.batch_size, e.boundary)
     data = {k: v for k, v in to_dict(cfg.data).items() if k != "cache_dir"}  # which training text
-    key = {"params_sha1": params_fingerprint(params), "segment_length": e.segment_length, "streams": e.batch_size,
-           "chunks": r.grad_rms_chunks, "boundary": e.boundary, "names": names, "data": json.dumps(data, sort_keys=True)}
+    key = {"stat": r.grad_stat, "params_sha1": params_fingerprint(params), "segment_length": e.segment_length,
+           "streams": streams, "chunks": r.grad_rms_chunks, "boundary": boundary, "names": names,
+           "data": json.dumps(data, sort_keys=True)}
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
-    path = run_dir / "grad_rms" / f"seg{e.segment_length}-{digest}.pt"
+    path = run_dir / "grad_rms" / f"{r.grad_stat}-seg{e.segment_length}-{digest}.pt"
     if path.exists():
         saved = torch.load(path, map_location=device, weights_only=True)
         if saved.get("key") == key:
             print(f"dyneval gradient RMS: loaded {path}")
             return saved["ms"]
-    layout = StreamLayout(load_articles(cfg.data, "train", tok), e.batch_size, e.segment_length, tok.eos_id,
-                          pad_articles=e.boundary == "reset")
-    ms = compute_grad_rms(lm, params, layout, names, r.grad_rms_chunks, device, boundary=e.boundary)
+    layout = StreamLayout(load_articles(cfg.data, "train", tok), streams, e.segment_length, tok.eos_id,
+                          pad_articles=boundary == "reset")
+    n_chunks = len(layout) if r.grad_rms_chunks <= 0 else min(r.grad_rms_chunks, len(layout))
+    print(f"dyneval gradient RMS ({r.grad_stat} statistic): {n_chunks} training segments of {layout.n_streams} "
+          f"streams x {e.segment_length} tokens")
+    ms = compute_grad_rms(lm, params, layout, names, r.grad_rms_chunks, device, boundary=boundary, stat=r.grad_stat)
     try:
         save_checkpoint({"key": key, "ms": {k: v.cpu() for k, v in ms.items()}}, path)
-        print(f"dyneval gradient RMS: computed on {min(r.grad_rms_chunks, len(layout))} training chunks, saved {path}")
+        print(f"dyneval gradient RMS: saved {path}")
     except OSError as err:  # a read-only run directory only costs recomputing next time
         print(f"dyneval gradient RMS: computed, but could not save {path} ({err})")
     return ms
 
 
-def score_mode(mode: str, lm, params, articles, cfg: Config, device, eos_id: int, ms=None,
+def mode_settings(mode: Mode, cfg: Config, tuned: dict | None) -> tuple[Config, dict[str, tuple]]:
+    """The config `mode` runs with: its own tuned values (tuned["modes"][mode name], from RUN/tuned.yaml)
+    over `cfg`, except the rule.* keys set explicitly (tuned["explicit"]: --rule.x=y, --config files).
+    Also {key: (value, source)} for every value the mode depends on; source is tuned / explicit / config."""
+    tuned = tuned or {}
+    own = tuned.get("modes", {}).get(mode.name, {})
+    explicit = set(tuned.get("explicit", ()))
+    use = {k: v for k, v in own.items() if k not in explicit}
+    if use:
+        cfg = dataclasses.replace(cfg, rule=dataclasses.replace(cfg.rule, **use))
+    sources = {k: (getattr(cfg.rule, k), "tuned" if k in use else "explicit" if k in explicit else "config")
+               for k in tuned_keys(mode)}
+    return cfg, sources
+
+
+def score_mode(mode: Mode | str, lm, params, articles, cfg: Config, device, eos_id: int, ms=None,
                learner_state=None) -> TokenScores:
-    """Prequential scores of one mode; `cache` is the static model read with the neural cache."""
-    rule_mode = "static" if mode == "cache" else mode
-    names = adapted_names(lm, cfg.rule, rule_mode, params)
-    rule = make_rule(rule_mode, cfg.rule, names, ms=ms, learner_state=learner_state).to(device)
+    """Prequential scores of one mode (see modes.py): its rule on the weights it adapts, with the neural
+    cache over the adapted model's hidden states when it has `+cache`."""
+    mode = parse_modes([mode])[0] if isinstance(mode, str) else mode
+    names = adapted_names(lm, cfg.rule, mode.rule, params, mode.weights)
+    ms = {k: ms[k] for k in names} if mode.rule == "dyneval" and ms is not None else None
+    rule = make_rule(mode.rule, cfg.rule, names, ms=ms, learner_state=learner_state).to(device)
     e = cfg.eval
     return score(lm, params, articles, eos_id=eos_id, segment_length=e.segment_length, batch_size=e.batch_size,
-                 boundary=e.boundary, device=device, bf16=cfg.train.bf16, rule=rule, names=names, desc=mode,
-                 cache=CacheSettings.from_config(cfg.rule) if mode == "cache" else None)
+                 boundary=e.boundary, device=device, bf16=cfg.train.bf16, rule=rule, names=names, desc=mode.name,
+                 cache=CacheSettings.from_config(cfg.rule) if mode.cache else None)
+
+
+class ModeScoresCache:
+    """Per-mode scores of an evaluation in progress (OUT/.modes/MODE.npz), keyed by everything they
+    depend on (the weights, the learner, the split, and the mode's whole eval/rule/data/model config),
+    so that a long evaluation stopped part-way continues with the modes it has not scored yet."""
+
+    def __init__(self, root: Path, params, learner, split: str):
+        self.root, self.split = Path(root), split
+        self.weights = params_fingerprint(params) + ("+" + params_fingerprint(learner) if learner else "")
+
+    def path(self, mode: Mode) -> Path:
+        return self.root / f"{hashlib.sha1(mode.name.encode()).hexdigest()[:12]}.npz"
+
+    def key(self, mode: Mode, cfg: Config) -> str:
+        settings = {k: v for k, v in to_dict(cfg).items() if k in ("eval", "rule", "data", "model")}
+        settings["rule"] = {k: v for k, v in settings["rule"].items() if k != "compile"}
+        settings["data"] = {k: v for k, v in settings["data"].items() if k != "cache_dir"}
+        return json.dumps({"mode": mode.name, "weights": self.weights, "split": self.split, **settings},
+                          sort_keys=True, default=str)
+
+    def load(self, mode: Mode, cfg: Config) -> TokenScores | None:
+        path = self.path(mode)
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if str(z["key"]) != self.key(mode, cfg):
+                    return None
+                drift = z["drift"] if z["drift"].size else None
+                return TokenScores(z["article"], z["position"], z["token"], z["nll"], float(z["seconds"]), drift)
+        except (OSError, ValueError, KeyError):  # unreadable: score again
+            return None
+
+    def clear(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def save(self, mode: Mode, cfg: Config, scores: TokenScores) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.path(mode).with_suffix(".tmp.npz")
+        np.savez(tmp, key=np.array(self.key(mode, cfg)), article=scores.article, position=scores.position,
+                 token=scores.token, nll=scores.nll, seconds=np.array(scores.seconds),
+                 drift=scores.drift if scores.drift is not None else np.zeros((0, 3)))
+        tmp.replace(self.path(mode))
+
+
+def print_settings(settings: dict[str, dict[str, tuple]], cfg: Config, tuned: dict | None) -> None:
+    """Before scoring: what every mode runs with and where each value came from; a warning when a
+    baseline runs untuned, or was tuned on the articles being scored."""
+    print(f"protocol: {protocol_of(cfg.eval)} (eval.segment_length={cfg.eval.segment_length}, "
+          f"eval.batch_size={cfg.eval.batch_size}, eval.boundary={cfg.eval.boundary})")
+    for name, values in settings.items():
+        if values:
+            print(f"  {name}: " + ", ".join(f"{k}={v:g} ({src})" for k, (v, src) in values.items()))
+    untuned = [n for n, values in settings.items() if any(src == "config" for _, src in values.values())]
+    if untuned:
+        print(f"warning: {', '.join(untuned)} run{'s' * (len(untuned) == 1)} at config values, not tuned ones "
+              f"(`dynlm tune` first, or this comparison is not fair to {'it' if len(untuned) == 1 else 'them'})",
+              file=sys.stderr)
+    overlap = (tuned or {}).get("overlap")
+    if overlap:
+        print(f"warning: the tuned values were tuned on {overlap}, which this evaluation scores too", file=sys.stderr)
 
 
 def evaluate_checkpoint(ck: dict, ckpt_path: Path, cfg: Config, split: str, modes: list[str], out: Path,
                         tuned: dict | None = None) -> dict:
-    """tuned: the tuned baseline values this evaluation runs with (recorded in summary.json)."""
-    check_modes(modes, cfg)
+    """tuned: the tuned values per mode this evaluation runs with (see mode_settings; recorded in
+    summary.json)."""
+    parsed = check_modes(modes, cfg)
+    if not any(m.name == "static" for m in parsed):  # every change is measured against the static model
+        print("note: mode static added: every mode's change is measured against it")
+        parsed = [Mode("static"), *parsed]
     check_config(cfg.report)  # fail before the (long) scoring, not after it
     device = resolve_device(cfg.train.device)
     tok = tokenizer_for(ckpt_path, ck)
@@ -116,14 +227,32 @@ def evaluate_checkpoint(ck: dict, ckpt_path: Path, cfg: Config, split: str, mode
               f"boundary; set eval.batch_size below {len(articles)}", file=sys.stderr)
     lm = LSTMLM(cfg.model, tok.vocab_size)
     params = {k: v.to(device) for k, v in ck["params"].items()}
-    if "learned" in modes and "learner" not in ck:
+    if any(m.rule == "learned" for m in parsed) and "learner" not in ck:
         raise ConfigError(f"{ckpt_path}: mode 'learned' needs a checkpoint written by `dynlm metatrain`")
-    ms = grad_rms_for(run_dir_of(ckpt_path), lm, params, cfg, tok, device) if "dyneval" in modes else None
-    results = {mode: score_mode(mode, lm, params, articles, cfg, device, tok.eos_id, ms=ms,
-                                learner_state=ck.get("learner")) for mode in modes}
+    runs = {m.name: (m, *mode_settings(m, cfg, tuned)) for m in parsed}
+    print_settings({name: values for name, (_, _, values) in runs.items()}, cfg, tuned)
+    ms = grad_rms_for(run_dir_of(ckpt_path), lm, params, cfg, tok, device) if any(m.rule == "dyneval" for m in parsed) \
+        else None
+    done = ModeScoresCache(out / ".modes", params, ck.get("learner"), split)
+    results = {}
+    for name, (m, mode_cfg, _) in runs.items():  # each mode kept as it finishes: an interrupted run resumes
+        results[name] = done.load(m, mode_cfg)
+        if results[name] is None:
+            results[name] = score_mode(m, lm, params, articles, mode_cfg, device, tok.eos_id, ms=ms,
+                                       learner_state=ck.get("learner"))
+            done.save(m, mode_cfg, results[name])
+        else:
+            print(f"{name}: scores of an earlier, interrupted run of this evaluation reused ({done.path(m)})")
+    extra = {"protocol": protocol_of(cfg.eval),
+             "settings": {name: {k: {"value": v, "source": src} for k, (v, src) in values.items()}
+                          for name, (_, _, values) in runs.items()}}
+    if tuned:
+        extra["tuned"] = tuned
     summary = write_results(out, results, articles, per_word=cfg.data.tokenizer != "word", tokenizer=tok,
-                            extra={"tuned": tuned} if tuned else None)
-    print(f"\n{split}: {len(articles)} articles, {sum(len(a) for a in articles):,} tokens  ->  {out}")
+                            extra=extra)
+    done.clear()  # the results are written: a later evaluation into OUT scores afresh
+    print(f"\n{split}: {len(articles)} articles, {sum(len(a) for a in articles):,} tokens, protocol "
+          f"{protocol_of(cfg.eval)}  ->  {out}")
     print(markdown_table(summary))
     report = render_report(out, cfg.report)
     print(f"report: {report.message}; {', '.join(p.name for p in report.files.values())}")

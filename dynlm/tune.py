@@ -1,21 +1,21 @@
-"""`dynlm tune`: grid-search the baselines' hyperparameters on a slice of validation articles and
-save the best into the run (RUN/tuned.yaml), which `dynlm evaluate` then loads by itself.
+"""`dynlm tune`: grid-search each mode's hyperparameters on validation text the evaluation does not
+score, and save the best per mode into the run (RUN/tuned.yaml), which `dynlm evaluate` then loads.
 
 A comparison against an untuned baseline is worthless, so a best value on the edge of its grid
-extends that grid one geometric step outwards (up to tune.max_extensions times per mode).
+extends that grid one geometric step outwards (up to tune.max_extensions times per mode); a grid
+whose best value is still on its edge after that is reported as such, and a grid on which every
+point diverges is an error, never a "best".
 
-Segment-length scaling of the per-update rates. Our gradient is that of each segment's *mean*
-loss, and dyneval divides it by MS, the RMS of such gradients at the same segment length L, so
-g / MS is O(1) whatever the loss normalisation; what changes with L is how often an update
-happens. lamb is a decay fraction per update, so a constant decay per token needs lamb ∝ L
-exactly. For lr the per-token drift is ∝ lr / sqrt(L) while segment gradients are noise-dominated
-(small L) and ∝ lr / L once they are signal-dominated, so the right scaling lies between sqrt(L)
-and L; we keep Krause's L / 5 for both (his grid is then reproduced at L = 5) and let the edge
-extension absorb the rest. SGD on the mean loss is plain SGD on the summed loss with lr / L, so
-its grid scales ∝ L exactly. One more difference from Krause: his MS averages the gradient over
-a batch of 100 segments, ours is per segment (what the update actually sees), i.e. up to 10x
-larger on noise-dominated coordinates; the best dyneval lr can therefore sit above his grid,
-which the edge extension again covers.
+Segment-length scaling of the per-update rates. Every rule sees the gradient of each segment's
+*mean* loss. dyneval divides it by MS, the RMS of training-segment gradients at the same segment
+length L, so g / MS is O(1) whatever the loss normalisation; what changes with L is how often an
+update happens. lamb and adam_decay are decay fractions per update, so a constant decay per token
+needs them ∝ L exactly. For the rates, the per-token drift is ∝ lr / sqrt(L) while segment
+gradients are noise-dominated and ∝ lr / L once they are signal-dominated; we keep Krause's L / 5
+for all of them (his grid is then reproduced at L = 5) and let the edge extension absorb the rest.
+SGD on the mean loss is plain SGD on the summed loss with lr / L, so its grid scales ∝ L exactly.
+With rule.grad_stat=batch (the default), MS is Krause's own statistic (the gradient of the mean loss
+over a batch of 100 training segments), so his grid applies as it is.
 """
 from __future__ import annotations
 
@@ -35,13 +35,13 @@ from .data.sources import load_articles
 from .device import resolve_device
 from .evaluate import perplexity
 from .model import LSTMLM
+from .modes import CACHE_KEYS, RULE_KEYS, Mode, parse_modes, protocol_of, protocol_slug, tuned_keys
 from .run_eval import check_modes, grad_rms_for, run_dir_of, score_mode, tokenizer_for
 from .tracking import Tracker
 
-TUNED_FILE = "tuned.yaml"
-MODE_AXES = {"sgd": ("sgd_lr",), "dyneval": ("dyneval_lr", "dyneval_lamb"), "cache": ("cache_theta", "cache_lambda")}
-PER_UPDATE = {"sgd_lr", "dyneval_lr", "dyneval_lamb"}  # rates per update: scaled with the segment length
-UPPER_BOUND = {"cache_lambda": 1.0}  # exclusive bounds a grid may not be extended across
+PER_UPDATE = {"sgd_lr", "dyneval_lr", "dyneval_lamb", "adam_lr", "adam_decay"}  # per update: scaled with the segment length
+TUNABLE = {k for keys in RULE_KEYS.values() for k in keys} | set(CACHE_KEYS)  # rule.* keys tuned.yaml may hold
+UPPER_BOUND = {"cache_lambda": 1.0, "adam_decay": 1.0}  # exclusive bounds a grid may not be extended across
 
 
 def _round(x: float) -> float:
@@ -78,6 +78,10 @@ def grid_search(grids: dict[str, list[float]], evaluate: Callable[[dict], float]
             v = evaluate(dict(zip(axes, point)))
             values[point] = v if math.isfinite(v) else math.inf  # a diverging setting just loses
         best = min(values, key=values.get)
+        if not math.isfinite(values[best]):
+            raise TuneError(f"{desc or 'tune'}: every point of the grid diverged (perplexity inf): "
+                            + ", ".join(f"{a} in {g}" for a, g in grids.items())
+                            + "; give the tune.* grid smaller rates")
         if round_ == max_extensions:
             break
         grown = False
@@ -91,27 +95,52 @@ def grid_search(grids: dict[str, list[float]], evaluate: Callable[[dict], float]
     return dict(zip(axes, best)), values, grids
 
 
-def tuned_path(ckpt_path: Path) -> Path:
-    return run_dir_of(ckpt_path) / TUNED_FILE
+def tuned_path(ckpt_path: Path, cfg: Config) -> Path:
+    """RUN/tuned_PROTOCOL.yaml: tuned values hold for one way of reading (segment length, streams,
+    boundary), so each protocol has its own file (and RUN/tune_PROTOCOL/ its grids)."""
+    return run_dir_of(ckpt_path) / f"tuned_{protocol_slug(cfg.eval)}.yaml"
 
 
-def read_tuned(path: Path) -> dict[str, float]:
-    """RUN/tuned.yaml as flat {'rule.key': value}; a malformed file is a clear error."""
+def tune_dir(ckpt_path: Path, cfg: Config) -> Path:
+    return run_dir_of(ckpt_path) / f"tune_{protocol_slug(cfg.eval)}"
+
+
+LEGACY_MODE = {"sgd_lr": "sgd", "dyneval_lr": "dyneval", "dyneval_lamb": "dyneval",
+               "cache_theta": "cache", "cache_lambda": "cache"}
+
+
+def read_tuned(path: Path) -> dict[str, dict[str, float]]:
+    """RUN/tuned.yaml as {mode name: {rule key: value}}; a malformed file is a clear error. A file of
+    the earlier flat format (one `rule:` section) is read as the values of sgd, dyneval and cache."""
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from None
-    if not isinstance(data, dict) or set(data) != {"rule"} or not isinstance(data["rule"], dict):
-        raise ConfigError(f"{path}: expected a mapping with one 'rule' section of tuned values")
-    return {f"rule.{k}": v for k, v in data["rule"].items()}
+    if isinstance(data, dict) and set(data) == {"rule"} and isinstance(data["rule"], dict):
+        modes: dict[str, dict[str, float]] = {}
+        for k, v in data["rule"].items():
+            if k in LEGACY_MODE:
+                modes.setdefault(LEGACY_MODE[k], {})[k] = v
+        return modes
+    if (not isinstance(data, dict) or set(data) != {"modes"} or not isinstance(data["modes"], dict)
+            or not all(isinstance(v, dict) for v in data["modes"].values())):
+        raise ConfigError(f"{path}: expected a mapping with one 'modes' section of tuned values per mode")
+    for name, values in data["modes"].items():
+        mode = parse_modes([name])[0]
+        bad = sorted(set(values) - set(tuned_keys(mode)))
+        if bad:
+            raise ConfigError(f"{path}: mode {name}: {bad} are not tuned values of {name} "
+                              f"(expected {list(tuned_keys(mode))})")
+    return data["modes"]
 
 
-def write_tuned(path: Path, best: dict[str, float], header: str) -> dict[str, float]:
-    """Merge `best` (rule keys) into RUN/tuned.yaml, keeping values tuned earlier for other modes."""
-    rule = read_tuned(path) if path.exists() else {}
-    rule = {k.removeprefix("rule."): v for k, v in rule.items()} | best
-    path.write_text(header + yaml.safe_dump({"rule": rule}, sort_keys=True))
-    return rule
+def write_tuned(path: Path, best: dict[str, dict[str, float]], header: str) -> dict[str, dict[str, float]]:
+    """Merge `best` ({mode: {key: value}}) into RUN/tuned.yaml, keeping modes tuned earlier."""
+    modes = (read_tuned(path) if path.exists() else {}) | best
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(header + yaml.safe_dump({"modes": modes}, sort_keys=True))
+    tmp.replace(path)  # never a half-written file
+    return modes
 
 
 def article_range(skip: int, n: int) -> str:
@@ -124,67 +153,163 @@ def article_range(skip: int, n: int) -> str:
     return f"article {skip + 1}" if n == 1 else f"articles {skip + 1}-{skip + n}"
 
 
+class TuneError(ConfigError):
+    """A tuning that cannot give a best value (every grid point diverged)."""
+
+
+def tuning_articles(articles: list, skip: int, n_articles: int, min_tokens: int) -> list:
+    """After the first `skip`: `n_articles` articles, or (0) the fewest that hold `min_tokens` tokens
+    (min_tokens 0: the rest of the split)."""
+    if n_articles < 0 or skip < 0 or min_tokens < 0:
+        raise ConfigError(f"tune articles, skip and tokens must be >= 0, got {n_articles}, {skip}, {min_tokens}")
+    if skip >= len(articles):
+        raise ConfigError(f"cannot skip {skip} of the {len(articles)} articles: none would be left to tune on")
+    rest = articles[skip:]
+    if n_articles:
+        return rest[:n_articles]
+    if not min_tokens:
+        return rest
+    total = 0
+    for i, a in enumerate(rest):
+        total += len(a)
+        if total >= min_tokens:
+            return rest[: i + 1]
+    return rest
+
+
+def mode_grids(mode: Mode, cfg: Config) -> dict[str, list[float]]:
+    """The axes `dynlm tune` searches for `mode` (a `+cache` mode: tune.combo_axes only)."""
+    keys = tuned_keys(mode)
+    if mode.cache and mode.adapts:
+        bad = sorted(set(cfg.tune.combo_axes) - set(CACHE_KEYS))
+        if bad:
+            raise ConfigError(f"tune.combo_axes may name {list(CACHE_KEYS)}, got {bad}")
+        keys = tuple(cfg.tune.combo_axes)
+    return {a: initial_grid(cfg, a) for a in keys}
+
+
+def tune_order(modes: list[Mode]) -> list[Mode]:
+    """Plain modes first, then the cache, then the `+cache` combinations (they start from both)."""
+    return sorted(modes, key=lambda m: (m.cache, m.adapts and m.cache))
+
+
 def tune_checkpoint(ck: dict, ckpt_path: Path, cfg: Config, modes: list[str], split: str, n_articles: int,
-                    skip: int = 0) -> dict:
-    """Grid-search each mode in `modes` on `n_articles` of `split` after its first `skip`; write
-    RUN/tuned.yaml."""
-    check_modes(modes, cfg, available=tuple(MODE_AXES))
-    if n_articles < 0 or skip < 0:
-        raise ConfigError(f"tune articles and skip must be >= 0 (articles 0 = the rest of the split), "
-                          f"got {n_articles}, {skip}")
-    grids = {m: {a: initial_grid(cfg, a) for a in MODE_AXES[m]} for m in modes}  # bad grids fail here, early
+                    skip: int = 0, learner_state: dict | None = None) -> dict:
+    """Grid-search each mode in `modes` on validation articles after the first `skip` (`n_articles` of
+    them, or 0: as many as tune.tokens needs); write RUN/tuned.yaml. `learned+cache` reads the learner
+    from `learner_state` (or from `ck` when it is a meta checkpoint)."""
+    parsed = tune_order(check_modes(modes, cfg))
+    untunable = [m.name for m in parsed if not tuned_keys(m)]
+    if untunable:
+        raise ConfigError(f"nothing to tune for {', '.join(untunable)} (tunable: sgd, dyneval, adam, cache and "
+                          f"any MODE+cache)")
+    learner_state = learner_state if learner_state is not None else ck.get("learner")
+    if any(m.rule == "learned" for m in parsed) and learner_state is None:
+        raise ConfigError(f"{ckpt_path}: learned+cache needs a learner (a checkpoint written by `dynlm metatrain`)")
+    grids = {m.name: mode_grids(m, cfg) for m in parsed}  # bad grids fail here, early
     run_dir = run_dir_of(ckpt_path)
     device = resolve_device(cfg.train.device)
     tok = tokenizer_for(ckpt_path, ck)
-    articles = load_articles(cfg.data, split, tok)
-    if skip >= len(articles):
-        raise ConfigError(f"cannot skip {skip} of the {len(articles)} {split} articles: none would be left to tune on")
-    articles = articles[skip: skip + n_articles] if n_articles else articles[skip:]
+    all_articles = load_articles(cfg.data, split, tok)
+    articles = tuning_articles(all_articles, skip, n_articles, cfg.tune.tokens)
     n_tokens = sum(len(a) for a in articles)
+    where = article_range(skip, len(articles))
+    if cfg.tune.tokens and n_tokens < cfg.tune.tokens:
+        print(f"warning: tuning on {n_tokens:,} tokens ({split} {where}), fewer than tune.tokens="
+              f"{cfg.tune.tokens:,}: the split has no more", flush=True)
     lm = LSTMLM(cfg.model, tok.vocab_size)
     params = {k: v.to(device) for k, v in ck["params"].items()}
-    ms = grad_rms_for(run_dir, lm, params, cfg, tok, device) if "dyneval" in modes else None
+    ms = grad_rms_for(run_dir, lm, params, cfg, tok, device) if any(m.rule == "dyneval" for m in parsed) else None
+    path = tuned_path(ckpt_path, cfg)
+    earlier = read_tuned(path) if path.exists() else {}
 
-    def ppl_with(mode: str, values: dict) -> float:
+    def ppl_with(mode: Mode, values: dict) -> float:
         point_cfg = dataclasses.replace(cfg, rule=dataclasses.replace(cfg.rule, **values))
-        scores = score_mode(mode, lm, params, articles, point_cfg, device, tok.eos_id, ms=ms)
+        scores = score_mode(mode, lm, params, articles, point_cfg, device, tok.eos_id, ms=ms,
+                            learner_state=learner_state)
         return perplexity(float(scores.nll.sum()), n_tokens)
 
-    static_ppl = ppl_with("static", {})
-    print(f"tuning on {split} {article_range(skip, len(articles))}, {n_tokens:,} tokens, segment length "
-          f"{cfg.eval.segment_length}, boundary {cfg.eval.boundary}; static ppl {static_ppl:.3f}")
+    static_ppl = ppl_with(Mode("static"), {})
+    print(f"tuning on {split} {where}, {n_tokens:,} tokens, protocol {protocol_of(cfg.eval)} (segment length "
+          f"{cfg.eval.segment_length}, {cfg.eval.batch_size} streams, boundary {cfg.eval.boundary}); "
+          f"static ppl {static_ppl:.3f}")
     rows = [{"mode": "static", "values": "", "ppl": static_ppl, "best": False}]  # the reference
-    best_rule, extended = {}, {}
-    for mode in modes:
-        best, values, final = grid_search(grids[mode], lambda v, m=mode: ppl_with(m, v), cfg.tune.max_extensions,
-                                          desc=f"tune {mode}")
-        best_rule.update(best)
-        extended[mode] = {a: [v for v in final[a] if v not in grids[mode][a]] for a in final}
+    best_modes: dict[str, dict[str, float]] = {}
+    extended, on_edge, fixed = {}, {}, {}
+    for mode in parsed:
+        found = {**earlier, **best_modes}
+        start: dict[str, float] = {}
+        if mode.cache and mode.adapts:  # start from the plain mode's and the cache's own tuned values
+            for part in (mode.base.name, "cache"):
+                keys = tuned_keys(parse_modes([part])[0])
+                start.update({k: found.get(part, {}).get(k, getattr(cfg.rule, k)) for k in keys})
+                if part not in found and keys:
+                    print(f"warning: {mode.name}: {part} is not tuned; its values come from the config "
+                          f"({', '.join(f'{k}={start[k]:g}' for k in keys)})")
+            start = {k: v for k, v in start.items() if k not in grids[mode.name]}
+        best, values, final = grid_search(grids[mode.name], lambda v, m=mode: ppl_with(m, {**start, **v}),
+                                          cfg.tune.max_extensions, desc=f"tune {mode.name}")
+        best_modes[mode.name] = {**start, **best}
+        fixed[mode.name] = start
+        extended[mode.name] = {a: [v for v in final[a] if v not in grids[mode.name][a]] for a in final}
+        on_edge[mode.name] = [a for a, v in best.items() if len(final[a]) > 1 and v in (final[a][0], final[a][-1])]
         for point, ppl in sorted(values.items()):
-            rows.append({"mode": mode, "values": ", ".join(f"{a}={v:g}" for a, v in zip(final, point)),
+            rows.append({"mode": mode.name, "values": ", ".join(f"{a}={v:g}" for a, v in zip(final, point)),
                          "ppl": ppl, "best": point == tuple(best.values())})
 
-    header = (f"# written by `dynlm tune` for {Path(ckpt_path).name}: best of the grid on {split} "
-              f"{article_range(skip, len(articles))},\n# eval.segment_length={cfg.eval.segment_length}, "
-              f"eval.boundary={cfg.eval.boundary}; `dynlm evaluate` loads this file, --rule.x=y still wins.\n")
-    path = run_dir / TUNED_FILE
-    saved = write_tuned(path, best_rule, header)
+    header = (f"# written by `dynlm tune` for {Path(ckpt_path).name}: best of the grid per mode on {split} {where}\n"
+              f"# ({n_tokens:,} tokens), protocol {protocol_of(cfg.eval)}: eval.segment_length="
+              f"{cfg.eval.segment_length}, eval.batch_size={cfg.eval.batch_size}, eval.boundary={cfg.eval.boundary};\n"
+              f"# `dynlm evaluate` loads this file, --rule.x=y still wins.\n")
+    saved = write_tuned(path, best_modes, header)
     result = {"checkpoint": str(ckpt_path), "split": split, "n_articles": len(articles), "skip_articles": skip,
-              "n_tokens": n_tokens,
-              "segment_length": cfg.eval.segment_length, "boundary": cfg.eval.boundary, "static_ppl": static_ppl,
-              "best": best_rule, "extended": extended, "grid": rows, "tuned_file": str(path)}
-    _write_grid(run_dir / "tune", rows, result)
+              "n_tokens": n_tokens, "protocol": protocol_of(cfg.eval),
+              "segment_length": cfg.eval.segment_length, "batch_size": cfg.eval.batch_size,
+              "boundary": cfg.eval.boundary, "static_ppl": static_ppl,
+              "best": best_modes, "fixed": fixed, "extended": extended, "on_edge": on_edge, "grid": rows,
+              "tuned_file": str(path)}
+    _write_grid(tune_dir(ckpt_path, cfg), *_with_earlier_modes(tune_dir(ckpt_path, cfg) / "tune.json", rows, result))
     print(grid_table(rows, static_ppl))
-    print(f"best: {', '.join(f'rule.{k}={v:g}' for k, v in best_rule.items())}  ->  {path}")
+    for name, values in best_modes.items():
+        print(f"best {name}: {', '.join(f'rule.{k}={v:g}' for k, v in values.items())}")
+    print(f"  ->  {path}")
     if any(v for ext in extended.values() for v in ext.values()):
         print(f"grids extended at the edge: {json.dumps(extended)}")
-    with Tracker(cfg.log, run_dir / "tune", to_dict(cfg), job_type="tune") as tracker:
+    edge = {m: a for m, a in on_edge.items() if a}
+    if edge:
+        print(f"warning: still on the edge of the grid after {cfg.tune.max_extensions} extension(s): "
+              + "; ".join(f"{m}: {', '.join(a)}" for m, a in edge.items())
+              + " (raise tune.max_extensions or move the grid)")
+    with Tracker(cfg.log, tune_dir(ckpt_path, cfg), to_dict(cfg), job_type="tune") as tracker:
         tracker.log_table("tune/grid", ["mode", "values", "ppl", "rel_vs_static", "best"],
                           [[r["mode"], r["values"], r["ppl"], r["ppl"] / static_ppl - 1, r["best"]] for r in rows])
-        best_ppl = {f"tune/best_ppl/{m}": min(r["ppl"] for r in rows if r["mode"] == m) for m in ["static", *modes]}
+        best_ppl = {f"tune/best_ppl/{m}": min(r["ppl"] for r in rows if r["mode"] == m)
+                    for m in ["static", *best_modes]}
         tracker.log(best_ppl, echo=False)
-        tracker.summary({**best_ppl, **{f"tune/rule.{k}": v for k, v in saved.items()}})
+        tracker.summary({**best_ppl, **{f"tune/{m}/rule.{k}": v for m, vals in saved.items() for k, v in vals.items()}})
     return result
+
+
+def _with_earlier_modes(path: Path, rows: list[dict], result: dict) -> tuple[list[dict], dict]:
+    """Keep the grids of the modes tuned earlier on the same text (tune.json then covers every mode in
+    tuned_PROTOCOL.yaml, whether tuned in one call or one mode at a time)."""
+    if not path.exists():
+        return rows, result
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return rows, result
+    same = all(old.get(k) == result[k] for k in ("checkpoint", "split", "skip_articles", "n_articles", "n_tokens"))
+    if not same:
+        return rows, result
+    now = set(result["best"])
+    kept = [r for r in old.get("grid", []) if r["mode"] not in now and r["mode"] != "static"]
+    merged = dict(result)
+    for k in ("best", "fixed", "extended", "on_edge"):
+        merged[k] = {**{m: v for m, v in old.get(k, {}).items() if m not in now}, **result[k]}
+    rows = rows[:1] + kept + rows[1:]
+    merged["grid"] = rows
+    return rows, merged
 
 
 def _write_grid(out: Path, rows: list[dict], result: dict) -> None:
@@ -204,27 +329,38 @@ def grid_table(rows: list[dict], static_ppl: float) -> str:
     return "\n".join(lines)
 
 
-def tuned_in_effect(path: Path, ckpt_path: Path, cfg: Config) -> dict:
-    """Say (and return, for summary.json) which tuned values `evaluate` runs with; explicit
-    overrides (--rule.x=y, --config files) win over RUN/tuned.yaml."""
-    values = read_tuned(path)
-    effective = {k: getattr(cfg.rule, k.removeprefix("rule.")) for k in values}
-    overridden = sorted(k for k in values if effective[k] != values[k])
-    print(f"using tuned baseline values from {path}: " + ", ".join(f"{k}={v:g}" for k, v in effective.items())
-          + (f" (overridden here: {', '.join(overridden)})" if overridden else ""))
+def tuned_in_effect(path: Path, ckpt_path: Path, cfg: Config, explicit=(), scored: tuple[int, int] | None = None) -> dict:
+    """What `evaluate` needs of RUN/tuned.yaml (see run_eval.mode_settings): the tuned values per mode,
+    the rule keys set explicitly (--rule.x=y, --config files), which win over the file, and where the
+    values were tuned. scored (first, count) of the articles the evaluation scores: tuned on any of
+    them is said as a warning (`overlap`)."""
+    modes = read_tuned(path)
+    explicit = {k for k in explicit if k in TUNABLE}
+    print(f"using tuned values from {path} for " + ", ".join(modes)
+          + (f" (explicitly set here: {', '.join(sorted(explicit))})" if explicit else ""))
     warning = tuned_conditions_warning(ckpt_path, cfg)
     if warning:
         print(warning)
-    return {"file": str(path), "values": values, "effective": effective, "overridden": overridden}
+    info = {"file": str(path), "modes": modes, "explicit": sorted(explicit)}
+    tune_info = tune_dir(ckpt_path, cfg) / "tune.json"
+    if tune_info.exists():
+        t = json.loads(tune_info.read_text())
+        info["tuned_on"] = {k: t.get(k) for k in ("split", "skip_articles", "n_articles", "n_tokens", "protocol")}
+        if scored is not None and t.get("split") == "valid":
+            first, count = scored
+            lo, hi = t.get("skip_articles", 0), t.get("skip_articles", 0) + t.get("n_articles", 0)
+            if lo < first + count and first < hi:
+                info["overlap"] = f"{article_range(lo, hi - lo)} of the validation split"
+    return info
 
 
 def tuned_conditions_warning(ckpt_path: Path, cfg: Config) -> str | None:
     """A warning when evaluate runs at another segment length / boundary than the values were tuned at."""
-    info = run_dir_of(ckpt_path) / "tune" / "tune.json"
+    info = tune_dir(ckpt_path, cfg) / "tune.json"
     if not info.exists():
         return None
     tuned = json.loads(info.read_text())
-    now = {"segment_length": cfg.eval.segment_length, "boundary": cfg.eval.boundary}
+    now = {"segment_length": cfg.eval.segment_length, "boundary": cfg.eval.boundary, "batch_size": cfg.eval.batch_size}
     diff = {k: (tuned.get(k), v) for k, v in now.items() if tuned.get(k) != v}
     if not diff:
         return None

@@ -4,17 +4,48 @@ Each chunk is scored with the weights the model had *before* seeing it; only the
 the rule update the weights. The same step serves evaluation (`meta=False`: everything
 is detached after each step) and meta-training (`meta=True`: the graph is kept so the
 summed prequential loss can be back-propagated into the learner and theta0).
+
+Meta-training reads K chunks per meta-step (`TruncatedUnroll`), back-propagates, and truncates.
+The last chunk's rule update is then held back as its detached inputs (`HeldUpdate`) and replayed
+at the start of the next unroll, inside its graph: the next unroll's first chunk is scored with
+weights that depend on the learner (and on theta0), so every chunk read contributes to exactly one
+meta-loss term, while no gradient crosses the truncation.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Iterable
 
 import torch
 from torch import Tensor
 
 from .data.streams import Chunk
 from .model import LSTMLM, Params, State
-from .rules.base import Rule, RuleState
+from .rules.base import LazyRows, Rule, RuleState
+
+
+@dataclass
+class HeldUpdate:
+    """The rule update of the last chunk before a truncation, as its detached inputs. The next
+    unroll replays it (`replay_held`) inside its own graph, so its first chunk is scored with
+    weights that depend on the learner's parameters and theta0 as they are then (after the outer
+    step); the inputs are constants, so no gradient crosses the truncation.
+
+    The weights the chunk was scored with are held as their drift from theta0: replayed, they are
+    theta0 + drift, so they follow theta0 (values and gradient) the way the rule itself reads them
+    (theta' = theta0 + f (theta - theta0) - ...). A stream that had just started from theta0 has
+    drift exactly 0 and is replayed at theta0 itself, as within an unroll. With unchanged
+    parameters the replay gives the weights the update gave, up to rounding."""
+    drift: Params  # the weights the chunk was scored with (before the update) minus theta0, (B, ...)
+    grads: Params  # the chunk's inner gradient, (B, ...)
+    rule_state: RuleState  # the rule state before the update
+    loss: Tensor  # (B,) each stream's mean NLL on the chunk
+    active: Tensor  # (B,) bool: streams that read real tokens (padding rows keep their weights)
+
+
+def _detach(d: dict) -> dict:
+    return {k: v.detach() for k, v in d.items()}
 
 
 @dataclass
@@ -23,12 +54,37 @@ class Reader:
     hidden: State  # short-term memory
     fast: Params  # medium-term memory: adapted weights, (B, ...)
     rule_state: RuleState
+    held: HeldUpdate | None = None  # set by `truncate`: the last update, to replay in the next unroll
 
     def detached(self) -> "Reader":
-        """Truncation: no gradient flows into earlier chunks."""
-        return Reader([(h.detach(), c.detach()) for h, c in self.hidden],
-                      {k: v.detach() for k, v in self.fast.items()},
-                      {k: v.detach() for k, v in self.rule_state.items()})
+        """Everything detached (evaluation, and plain truncation that drops the held update)."""
+        return Reader([(h.detach(), c.detach()) for h, c in self.hidden], _detach(self.fast), _detach(self.rule_state))
+
+
+def truncate(reader: Reader, theta0: Params, last_stats: dict | None = None) -> Reader:
+    """Meta-training's truncation: everything detached, and the last chunk's update held back
+    (last_stats: the stats chunk_step returned for that chunk with meta=True) for `replay_held`."""
+    held = None
+    if (last_stats or {}).get("held") is not None:
+        fast, grads, rule_state, loss, active = last_stats["held"]
+        held = HeldUpdate({k: (w - theta0[k]).detach() for k, w in fast.items()}, _detach(grads),
+                          _detach(rule_state), loss.detach(), active.detach())
+    return Reader([(h.detach(), c.detach()) for h, c in reader.hidden], _detach(reader.fast),
+                  _detach(reader.rule_state), held)
+
+
+def replay_held(reader: Reader, rule: Rule, theta0: Params) -> Reader:
+    """Recompute the held update in the current graph: reader.fast and reader.rule_state again
+    (exactly so for the rule state, up to rounding for the weights, when the learner and theta0
+    have not changed since), now functions of the learner's parameters and theta0."""
+    h = reader.held
+    if h is None:
+        return reader
+    before = {k: theta0[k] + d for k, d in h.drift.items()}
+    fast, rule_state, _ = rule.update(before, h.grads, theta0, h.rule_state, h.loss)
+    if not bool(h.active.all()):  # as in _chunk_step: padding rows keep their weights
+        fast = {k: torch.where(h.active.view(-1, *([1] * (w.dim() - 1))), w, before[k]) for k, w in fast.items()}
+    return Reader(reader.hidden, fast, rule_state)
 
 
 def start_reader(lm: LSTMLM, theta0: Params, rule: Rule, names: list[str], batch: int, device) -> Reader:
@@ -91,32 +147,131 @@ def _inner_gradient(lm, params, reader, chunk) -> tuple[Params, Tensor]:
 
 
 def _chunk_step(lm, params, theta0, rule, reader, chunk, meta, second_order, inner=None):
+    # -- sparse rows (evaluation): an input-only embedding (the adaptive softmax has its own output
+    # weights) is read and updated as a block of the rows the chunk reads; see rules.base.LazyRows
+    lazy = None
+    if not meta and rule.sparse_rows and "embed" in reader.fast and lm.adaptive:
+        lazy = LazyRows(rule, "embed", reader.fast["embed"], theta0, reader.rule_state, chunk.inputs)
+        reader, theta0 = Reader(reader.hidden, {**reader.fast, "embed": lazy.block}, reader.rule_state), lazy.theta0
+    # -- end sparse rows
     if not meta or any(not v.requires_grad for v in reader.fast.values()):
         # evaluation, or just after truncation: the weights are constants we differentiate at
         reader = Reader(reader.hidden, {k: v if meta and v.requires_grad else v.detach().requires_grad_()
                                         for k, v in reader.fast.items()}, reader.rule_state)
     with torch.enable_grad() if rule.adapts else torch.no_grad():
         weights = {**params, **reader.fast}
-        out, hidden = lm.hidden(weights, chunk.inputs, reader.hidden, double_backward=meta and second_order)
+        out, hidden = lm.hidden(weights, chunk.inputs if lazy is None else lazy.inputs, reader.hidden,
+                                double_backward=meta and second_order)
         nll = lm.nll(weights, out, chunk.targets) * chunk.mask  # (B, T)
         if not rule.adapts:
             return nll, Reader(hidden, reader.fast, reader.rule_state), {"out": out.detach()}
         if inner is None:
             loss = nll.sum(1) / chunk.mask.sum(1).clamp(min=1)  # (B,) each stream's own mean: its gradient is that stream's
             grads = torch.autograd.grad(loss.sum(), list(reader.fast.values()), retain_graph=meta,
-                                        create_graph=meta and second_order)
-            # first order: the learner sees the gradient as a constant input (the paper's choice)
-            grads = {k: g if second_order else g.detach() for k, g in zip(reader.fast, grads)}
+                                        create_graph=meta and second_order, allow_unused=True)
+            # first order: the learner sees the gradient as a constant input (the paper's choice). A weight
+            # the loss does not reach has a zero gradient: with B = 1 the adaptive softmax takes the shared
+            # kernel, which skips the tail clusters no target of the chunk falls in
+            grads = {k: torch.zeros_like(w) if g is None else g if second_order else g.detach()
+                     for (k, w), g in zip(reader.fast.items(), grads)}
             loss = loss.detach()
         else:
             grads, loss = inner
-    fast, rule_state, stats = rule.update(reader.fast, grads, theta0, reader.rule_state, loss)
+    fast, rule_state, stats = rule.update(reader.fast, grads, theta0, reader.rule_state, loss,
+                                          **({} if lazy is None else {"rows": {"embed": lazy.rows}}))
     active = chunk.mask.any(1)  # (B,)
     if not bool(active.all()):  # padding rows (streams that have run out) must not move
         fast = {k: torch.where(active.view(-1, *([1] * (w.dim() - 1))), w, reader.fast[k]) for k, w in fast.items()}
+    if lazy is not None:  # the block back into the whole embedding (sparse rows)
+        fast, rule_state = lazy.write_back(fast, rule_state, active)
     new = Reader(hidden, fast, rule_state)
     stats["out"] = out.detach()
+    if meta:  # the update's inputs, for a truncation after this chunk (see HeldUpdate, truncate)
+        stats["held"] = (_detach(reader.fast), _detach(grads), _detach(reader.rule_state), loss.detach(), active)
     return (nll if meta else nll.detach()), (new if meta else new.detached()), stats
+
+
+# ---- the truncated unroll of meta-training ----------------------------------------------------
+
+@dataclass
+class UnrolledChunk:
+    """One chunk of a meta-step, as read."""
+    chunk: Chunk
+    restarted: bool  # the streams started afresh (from theta0) just before it
+    nll: Tensor  # (B, T) prequential NLL, masked, in the graph
+    tokens: int  # real targets in the chunk
+    stats: dict  # the rule's stats for its update (without "out" and "held")
+
+
+@dataclass
+class MetaStep:
+    """One meta-step's unroll: what to back-propagate, and where reading continues."""
+    nll: Tensor  # summed prequential NLL of the K chunks (scalar, in the graph)
+    tokens: int  # real targets read: the loss is nll / tokens (summed over ranks)
+    penalty: Tensor | float  # summed consolidation penalty over the K chunks (0.0 without fisher)
+    reader: Reader  # the memory to continue from: truncated (detached), holding back the last update
+    chunks: list[UnrolledChunk] = field(default_factory=list)
+
+
+class TruncatedUnroll:
+    """Meta-training's truncated unroll, in one place (dynlm metatrain, bench and the cost model).
+
+    One call reads K chunks prequentially with the graph kept (`chunk_step(meta=True)`) and returns
+    the summed NLL, the token count, the optional consolidation penalty and the truncated reader.
+    Every chunk read enters exactly one meta-loss term, scored with weights that depend on the
+    learner: the update the previous unroll's last chunk made is held back at truncation and
+    replayed here, in this graph, before the first chunk (see HeldUpdate). Streams that start
+    afresh (no reader, a new epoch's layout, or a new article with boundary="reset") go back to
+    theta0: a held update does not leak into them.
+
+    fisher: per-tensor diagonal Fisher for the EWC penalty sum_k fisher_k (fast_k - theta0_k)^2,
+    summed over streams and chunks after each update; the caller weights and normalises it."""
+
+    def __init__(self, lm: LSTMLM, rule: Rule, k: int, *, second_order: bool = False, checkpoint: bool = False,
+                 fisher: Params | None = None, boundary: str = "continuous"):
+        if k < 1:
+            raise ValueError(f"the unroll needs k >= 1 chunks, got {k}")
+        if boundary not in ("reset", "continuous"):
+            raise ValueError(f"boundary={boundary!r}; valid: reset, continuous")
+        self.lm, self.rule, self.k = lm, rule, k
+        self.second_order, self.checkpoint, self.fisher, self.boundary = second_order, checkpoint, fisher, boundary
+
+    def start(self, theta0: Params, n_streams: int, device) -> Reader:
+        """Fresh streams at theta0. When theta0 is trained, the fast weights are theta0 itself in the
+        graph (not a detached copy), so the streams' first chunk still carries its meta-gradient."""
+        reader = start_reader(self.lm, theta0, self.rule, list(theta0), n_streams, device)
+        if reader.fast and any(v.requires_grad for v in theta0.values()):
+            reader = reset_streams(reader, theta0, self.rule, torch.ones(n_streams, dtype=torch.bool, device=device))
+        return reader
+
+    def __call__(self, params: Params, theta0: Params, reader: Reader | None,
+                 chunks: Iterable[Chunk | tuple[Chunk, bool]]) -> MetaStep:
+        """params: every weight the model reads (static and theta0); theta0: the adapted ones'
+        starting point, (...) each. reader: where the previous meta-step left off (None: start).
+        chunks: the next K chunks (more are not consumed), each a Chunk or (Chunk, restart) where
+        restart starts new streams before it (a new epoch's layout)."""
+        total, tokens, penalty, read, stats = 0.0, 0, 0.0, [], None
+        for item in islice(chunks, self.k):
+            chunk, restart = item if isinstance(item, tuple) else (item, False)
+            restarted = reader is None or restart
+            if restarted:
+                reader = self.start(theta0, chunk.inputs.shape[0], chunk.inputs.device)
+            elif reader.held is not None:  # the previous unroll's last update, now in this graph
+                reader = replay_held(reader, self.rule, theta0)
+            if self.boundary == "reset":  # after the replay: a stream starting an article takes theta0
+                reader = reset_streams(reader, theta0, self.rule, chunk.new_article)
+            nll, reader, stats = chunk_step(self.lm, params, theta0, self.rule, reader, chunk, meta=True,
+                                            second_order=self.second_order, checkpoint=self.checkpoint)
+            if self.fisher is not None:  # long-term consolidation: stay near theta0 where it matters
+                penalty = penalty + sum((self.fisher[k] * (reader.fast[k] - theta0[k]).pow(2)).sum()
+                                        for k in reader.fast)
+            n = int(chunk.mask.sum())
+            total, tokens = total + nll.sum(), tokens + n
+            read.append(UnrolledChunk(chunk, restarted, nll, n,
+                                      {k: v for k, v in stats.items() if k not in ("out", "held")}))
+        if len(read) != self.k:
+            raise ValueError(f"the unroll needs {self.k} chunks, got {len(read)}")
+        return MetaStep(total, tokens, penalty, truncate(reader, theta0, stats), read)
 
 
 # ---- checkpointing a second-order step ----------------------------------------------------------

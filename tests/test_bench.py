@@ -64,7 +64,12 @@ def test_bench_writes_every_ratio_and_memory_row(tmp_path, capsys):
             (row,) = [r for r in rows if r["unroll"] == k and r["checkpoint"] == ckpt]
             assert row["peak_mib"] is not None and row["peak_mib"] >= 0, row
     assert {"static_train", "nn_lstm_train", "dyneval_seg6", "dyneval_seg3", "learned_ff_seg6", "learned_rnn_seg3",
-            "learned_ff_hidden4_seg6", "metatrain_first_order_checkpointed"} <= set(result["throughput"])
+            "learned_ff_hidden4_seg6", "metatrain_first_order_checkpointed", "dyneval_all_seg3", "adam_seg6",
+            "learned_ff_cache_seg6", "dyneval_all_1stream_seg3"} <= set(result["throughput"])
+    tp = result["throughput"]  # online rows against static evaluation of the same streams and segment
+    assert tp["dyneval_all_1stream_seg3"]["vs_static_eval"] == pytest.approx(
+        tp["dyneval_all_1stream_seg3"]["tokens_per_s"] / tp["static_eval_1stream_seg3"]["tokens_per_s"])
+    assert tp["static_train"]["vs_static_eval"] is None and tp["adam_seg3"]["vs_static_eval"] > 0
     assert all(row["tokens_per_s"] > 0 for row in result["throughput"].values())
     assert result["machine"]["torch"] == torch.__version__ and result["machine"]["device"] == "cpu"
     assert "commit" in result["git"] and "dirty" in result["git"]

@@ -17,7 +17,9 @@ from dynlm.data.articles import Article
 from dynlm.data.streams import StreamLayout
 from dynlm.experiments import README_BEGIN, README_END, experiment_configs
 from dynlm.experiments_registry import BASELINES, BASES, EXPERIMENTS, EXPERIMENTS_DIR, META_FILES, SCALES, at_scale
+from dynlm.experiments_registry import experiment_file
 from dynlm.model import LSTMLM
+from dynlm.modes import protocol_of
 from dynlm.rules import adapted_names, make_rule
 from dynlm.unroll import chunk_step, start_reader
 
@@ -49,6 +51,12 @@ def test_every_experiment_config_loads_and_validates(name, scale):
         assert (cfg.data.tokenizer == "sentencepiece") == name.endswith("-sp")
         if exp.learner:  # one base model for static, the baselines and learned
             assert cfg.meta.theta0_lr == 0 and cfg.meta.static_lr == 0
+    if name in ("baselines", "2-level", "krause"):  # every comparison table names its protocol
+        protocol = {"krause": "krause"}.get(name, "article")
+        assert all(protocol_of(ac.cfg.eval) == protocol for ac in configs.arms), name
+        if scale == "cpu":  # tuned on 30k validation tokens the evaluation does not score
+            t, e = configs.arms[0].cfg.tune, configs.arms[0].cfg.eval
+            assert t.articles == 0 and t.tokens >= 30000 and t.skip_articles >= e.max_articles > 0
     if name == "3-level":
         *ewc, plain = (ac.cfg.meta for ac in configs.arms)
         assert {m.boundary for m in (*ewc, plain)} == {"continuous"} and plain.ewc_lambda == 0
@@ -69,7 +77,9 @@ def test_every_experiment_file_exists_and_holds_overrides_only():
         for scale in SCALES:
             used |= set(at_scale(exp.files, scale)) | {f for arm in exp.arms for f in at_scale(arm.files, scale)}
     on_disk = {p.name for p in EXPERIMENTS_DIR.glob("*.yaml")}
-    assert used <= on_disk, used - on_disk
+    presets = {f for f in used - on_disk if experiment_file(f).parent.name == "presets"}  # protocol_krause.yaml
+    assert presets <= {"protocol_article.yaml", "protocol_krause.yaml"}
+    assert used - presets <= on_disk, used - presets - on_disk
     for name in sorted(on_disk):
         load_config([EXPERIMENTS_DIR / name])  # known keys and types only; defaults come from config.py
 
@@ -123,13 +133,13 @@ def tiny_experiment_args(tmp_path) -> list[str]:
     """The CPU-scale experiment files over the synthetic corpus, at the test suite's tiny sizes."""
     return ["--runs", str(tmp_path / "runs"), "--results-file", str(tmp_path / "RESULTS.md"),
             "--readme", str(tmp_path / "README.md"), "--data.source=synthetic",
-            *[f"--{o}" for o in TINY], f"--data.cache_dir={tmp_path / 'cache'}",
+            *[f"--{o}" for o in TINY], f"--data.cache_dir={tmp_path / 'cache'}", "--data.meta_articles=3",
             "--meta.steps=2", "--meta.max_minutes=0", "--meta.unroll=2", "--meta.chunk=5", "--meta.batch_size=2",
             "--meta.log_every=1", "--meta.checkpoint_every=1", "--meta.valid_articles=2", "--rule.compile=false", "--rule.grad_rms_chunks=3",
             "--data.synthetic.n_valid=4", "--eval.max_articles=2",  # tuned on the other 2, as the suite does
             "--tune.skip_articles=2", "--tune.articles=2", "--tune.sgd_lr=[0.005,0.01]", "--tune.dyneval_lr=[5e-5,1e-4]",
             "--tune.dyneval_lamb=[2e-3]", "--tune.cache_theta=[0.3]", "--tune.cache_lambda=[0.01,0.02]",
-            "--tune.max_extensions=1"]
+            "--tune.adam_lr=[1e-3]", "--tune.adam_decay=[1e-3]", "--tune.max_extensions=1"]
 
 
 def test_dry_run_lists_the_stages_and_runs_nothing(tmp_path, capsys):
@@ -159,12 +169,15 @@ def test_tiny_experiment_end_to_end_then_skipped_reproduced_and_shared(tmp_path,
     capsys.readouterr()
     eval_dir = tmp_path / "runs" / "experiments" / "cpu" / "2-level" / "main" / "eval_valid"
     first = json.loads((eval_dir / "summary.json").read_text())["modes"]
-    assert set(first) == {"static", "sgd", "dyneval", "cache", "learned"}
+    assert set(first) == {"static", *BASELINES, "learned", "learned+cache"}
     results = (tmp_path / "RESULTS.md").read_text()
     row = next(l for l in results.splitlines() if l.startswith("| 2-level | main |"))
     assert f"{first['learned']['ppl']:.2f}" in row and f"{first['dyneval']['ppl']:.2f}" in row
-    assert "dynlm experiment 2-level --scale cpu" in results and "2-level goal" in results
-    assert "tuned on validation articles 3-4, apart from the evaluated ones" in results
+    assert "dynlm experiment 2-level --scale cpu" in results and "**Headline** (`custom (3 streams, segment 10" in results
+    assert re.search(r"learned [0-9.]+ vs dyneval@lstm [0-9.]+: learned (wins|loses) by [0-9.]+ ppl", results)
+    assert re.search(r"\| learned\+cache \| [0-9.]+ \(", results)  # the comparison table, article column
+    assert "Protocol: `custom (3 streams, segment 10, reset at article boundaries)`." in results  # TINY's reading
+    assert re.search(r"tuned on valid articles 3-4 \([0-9,]+ tokens\), apart from the evaluated ones", results)
     assert "| 2-level | main |" in readme.read_text() and "after" in readme.read_text()
     assert "old" not in readme.read_text() and "65.8" in readme.read_text()  # published numbers, labelled
 
@@ -195,7 +208,7 @@ def test_tiny_experiment_end_to_end_then_skipped_reproduced_and_shared(tmp_path,
     assert main(["experiment", "baselines", *args]) == 0
     out = capsys.readouterr().out
     assert "[baselines] train: skipped, reusing" in out and "[baselines] tune: skipped" in out
-    assert f"take static, sgd, dyneval, cache out of {eval_dir}" in out
+    assert f"take {', '.join(('static', *BASELINES))} out of {eval_dir}" in out
     taken = eval_dir.parents[2] / "baselines" / "main" / "eval_valid"
     shared = json.loads((taken / "summary.json").read_text())
     current = json.loads((eval_dir / "summary.json").read_text())["modes"]  # (timings as redone above)

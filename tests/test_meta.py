@@ -64,12 +64,12 @@ def test_meta_training_beats_static_on_held_out_articles(base, cache_dir, tmp_pa
 CHILD = """
 import sys, time, torch
 torch.set_num_threads(1)
-import dynlm.train.meta as meta
-delay, original = float(sys.argv[1]), meta.chunk_step
+import dynlm.unroll as unroll
+delay, original = float(sys.argv[1]), unroll.chunk_step
 def slow_chunk_step(*a, **k):
     time.sleep(delay)
     return original(*a, **k)
-meta.chunk_step = slow_chunk_step
+unroll.chunk_step = slow_chunk_step  # what TruncatedUnroll calls: meta-training's chunk steps only
 from dynlm.cli import main
 sys.exit(main(sys.argv[2:]))
 """
@@ -113,21 +113,35 @@ def test_sigkill_then_resume_equals_uninterrupted_metatrain(base, cache_dir, tmp
 
 
 def test_nan_meta_loss_is_skipped_and_the_learner_stays_finite(base, cache_dir, tmp_path, monkeypatch, capsys):
-    import dynlm.train.meta as meta
-    original, calls = meta.chunk_step, [0]
+    import dynlm.unroll as unroll
+    original, calls = unroll.chunk_step, [0]
 
     def poisoned(*a, **k):
         nll, reader, stats = original(*a, **k)
         calls[0] += 1
         return (nll * float("nan") if calls[0] in (3, 4) else nll), reader, stats  # meta-step 2 (K=2)
 
-    monkeypatch.setattr(meta, "chunk_step", poisoned)
+    monkeypatch.setattr(unroll, "chunk_step", poisoned)  # TruncatedUnroll's, not evaluation's
     assert metatrain(base, tmp_path / "meta", cache_dir, "--meta.steps=4") == 0
     ck = load_checkpoint(tmp_path / "meta" / "checkpoints" / "last.pt")
     assert ck["faults"]["skipped"] == 1 and ck["step"] == 4
     assert all(torch.isfinite(v).all() for v in ck["learner"].values())
     assert all(torch.isfinite(v).all() for v in ck["reader"]["fast"].values())
     assert "update skipped" in capsys.readouterr().err
+
+
+def test_metatrain_with_unroll_1_moves_the_learner(base, cache_dir, tmp_path):
+    """K=1: the only chunk of each meta-step is scored with the update the previous step held back
+    at truncation, replayed in this step's graph; without that its meta-gradient was exactly zero."""
+    assert metatrain(base, tmp_path / "k1", cache_dir, "--meta.unroll=1", "--meta.steps=4", "--meta.lr=0.1",
+                     "--rule.compile=false") == 0
+    ck = load_checkpoint(tmp_path / "k1" / "checkpoints" / "last.pt")
+    cfg = load_config([], [], base=ck["config"])
+    names = list(ck["reader"]["fast"])
+    untrained = make_rule("learned", cfg.rule, names).state_dict()
+    moved = [k for k, v in ck["learner"].items() if not torch.equal(v, untrained[k])]
+    assert moved, "the learner did not move: no meta-gradient at K=1"
+    assert ck["step"] == 4 and set(ck["reader"]["held"]) >= {"drift", "grads", "rule_state", "loss", "active"}
 
 
 def drift(run) -> float:

@@ -160,3 +160,22 @@ def test_dropout_only_in_training():
     c, _ = lm.hidden(p, tokens, lm.init_state(2), train=True)
     torch.testing.assert_close(a, b)
     assert not torch.allclose(a, c)
+
+
+@pytest.mark.parametrize("softmax", ["full", "adaptive"])
+def test_one_stream_takes_the_shared_kernels_with_the_same_values_and_gradients(softmax):
+    """B = 1 (Krause's protocol): per-stream weights of every kind go through the fused LSTM and the
+    shared softmax; NLLs and every weight's gradient equal those of the general per-stream path (B = 2,
+    the same stream twice)."""
+    lm, p = tiny(softmax)
+    tokens = torch.randint(0, 50, (1, 7), generator=torch.Generator().manual_seed(0))
+    one = {k: v.requires_grad_() for k, v in per_stream(lm, p, 1, names=list(p)).items()}
+    two = {k: v.requires_grad_() for k, v in per_stream(lm, p, 2, names=list(p)).items()}
+    nll1 = lm.nll(one, lm.hidden(one, tokens, lm.init_state(1, dtype=torch.float64))[0], tokens)  # (1, T)
+    tok2 = tokens.expand(2, -1)
+    nll2 = lm.nll(two, lm.hidden(two, tok2, lm.init_state(2, dtype=torch.float64))[0], tok2)  # (2, T)
+    assert torch.allclose(nll1[0], nll2[0], rtol=1e-10) and torch.allclose(nll2[0], nll2[1])
+    g1 = torch.autograd.grad(nll1.sum(), list(one.values()))
+    g2 = torch.autograd.grad(nll2[0].sum(), list(two.values()))
+    for k, a, b in zip(one, g1, g2):
+        assert torch.allclose(a[0], b[0], rtol=1e-8, atol=1e-12), k

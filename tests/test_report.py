@@ -14,7 +14,8 @@ import pytest
 
 from dynlm.cli import main
 from dynlm.config import ReportConfig
-from dynlm.report import (BLUE, RED, improvement_by_position, improvement_color, load_tokens, render_report,
+from dynlm.report import (BLUE, RED, improvement_by_position, improvement_color, load_tokens, plot_drift,
+                          plot_histogram, plot_stream, render_report, robust_limits, stream_improvement,
                           trailing_mean)
 
 TRICKY = ["<script>alert(1)</script>", "a&b", '"quoted"', "<eos>"]  # must come out escaped
@@ -276,3 +277,82 @@ def test_a_diverged_mode_reports_infinite_perplexity_not_an_overflow(tmp_path):
     report = render_report(d)
     assert (d / "heatmap.html").is_file() and "dyneval ppl inf" in (d / "heatmap.html").read_text()
     assert report.files
+
+
+def test_robust_limits_keep_clean_data_and_drop_a_lone_spike():
+    lo, hi = robust_limits([np.linspace(-1, 2, 50)])  # nothing to clip: the full range, padded
+    assert lo == pytest.approx(-1 - 0.08 * 3) and hi == pytest.approx(2 + 0.08 * 3)
+    rng = np.random.default_rng(0)
+    bulk = rng.normal(0.3, 0.2, 500)
+    lo, hi = robust_limits([np.append(bulk, 8000.0), bulk - 0.1])  # the ~8000 of issue 13
+    assert bulk.min() - 0.1 - 0.5 < lo <= bulk.min() - 0.1 and bulk.max() <= hi < bulk.max() + 0.5
+    assert robust_limits([[5.0, 6.0]])[0] < 0  # zero (the "as good as static" line) is always on the axis
+    assert robust_limits([[np.nan, np.inf, -np.inf]]) == robust_limits([]) == (-1.0, 1.0)
+    lo, hi = robust_limits([[0.0] * 10 + [0.5]])  # zero IQR: nothing is an outlier
+    assert lo < 0 < 0.5 < hi
+
+
+def test_stream_y_range_ignores_a_huge_spike_at_an_article_start(tmp_path):
+    """Issue 13: one token the static model found absurd at an article start (a title, a rare name)
+    gave stream.png a y-axis up to ~8,000 and flattened every curve on zero."""
+    cols = write_eval_dir(tmp_path, lengths=(300, 250, 350), modes=("dyneval@lstm", "learned+cache"))
+    clean = load_tokens(tmp_path)
+    _, bulk = stream_improvement(clean, 3, 50)  # the curves without the spike
+    bulk = np.concatenate(list(bulk.values()))
+    lo_b, hi_b = bulk.min(), bulk.max()
+    cols["nll_static"][300] += 8000.0  # first token of article B
+    pq.write_table(pa.table(cols), tmp_path / "tokens.parquet")
+    t = load_tokens(tmp_path)
+    _, spiked = stream_improvement(t, 3, 50)
+    assert max(y.max() for y in spiked.values()) > 150  # the spike is in the curves (8000 / 50 tokens)
+
+    fig = plot_stream(t, 3, 50, tmp_path / "stream.png")
+    ax = fig.axes[0]
+    lo, hi = ax.get_ylim()
+    span = hi_b - lo_b
+    assert lo_b - 0.5 * span <= lo <= 0 <= hi <= hi_b + 0.5 * span  # set by the data without the spike
+    p5, p95 = np.percentile(bulk, [5, 95])
+    assert lo < p5 and p95 < hi  # the bulk of every curve is on the axis
+    labels = [text.get_text() for text in fig.legends[0].get_texts()]
+    assert len(labels) == 2  # each names where the spike went: 'mode (off-scale ▲1 to +7,999 nats)'
+    assert all(float(re.search(r"off-scale ▲\d+ to \+([\d,.]+) nats", label)[1].replace(",", "")) > 7000
+               for label in labels)
+    assert labels[0].startswith("dyneval@lstm") and labels[1].startswith("learned+cache")
+    assert "nats" in ax.get_ylabel() and "50 tokens" in ax.get_ylabel()
+    assert [text.get_text() for text in ax.texts] == ["A: Title 0", "B: Title 1", "C: Title 2"]
+    assert (tmp_path / "stream.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_histogram_and_drift_ranges_ignore_one_wrecked_value(tmp_path):
+    cols = write_eval_dir(tmp_path, lengths=(60,) * 10, modes=("sgd",))
+    cols["nll_sgd"][540:] += 3.0  # the last article: perplexity x20
+    pq.write_table(pa.table(cols), tmp_path / "tokens.parquet")
+    ax = plot_histogram(load_tokens(tmp_path), tmp_path / "histogram.png").axes[0]
+    assert ax.get_xlim()[1] < 200  # %, not the +1,900% of the one wrecked article
+    assert "▲1 off-scale to +" in ax.get_legend().get_texts()[0].get_text()
+
+    with open(tmp_path / "drift.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["mode", "tokens_read", "drift_mean", "drift_max"])
+        w.writerows(["dyneval@lstm", 100 * i, 0.01 * i, 0.02 * i + (40.0 if i == 7 else 0.0)] for i in range(1, 21))
+    ax = plot_drift(tmp_path / "drift.csv", tmp_path / "drift.png").axes[0]
+    assert ax.get_ylim()[1] < 1.0
+    assert [text.get_text() for text in ax.get_legend().get_texts()] == [
+        "dyneval@lstm, mean over streams", "dyneval@lstm, max over streams (off-scale ▲1 to +40.1)"]
+
+
+def test_mode_names_with_at_plus_dollar_underscore_render(tmp_path):
+    modes = ("dyneval@lstm", "learned+cache", "cost$x$", "_private")
+    write_eval_dir(tmp_path, modes=modes, titles=["The $64,000 Question", "b", "c"])
+    report = render_report(tmp_path, ReportConfig(stream_articles=3))
+    assert report.modes == list(modes)
+    assert all(report.files[name].read_bytes()[:4] == b"\x89PNG" for name in ("improvement", "stream", "histogram"))
+    assert list(csv.reader(open(report.files["curve"])))[0][4:] == list(modes)
+    fig = plot_stream(load_tokens(tmp_path), 3, 50, tmp_path / "s.png")
+    texts = fig.legends[0].get_texts()
+    assert len(texts) == 4  # a leading '_' would have hidden the entry
+    # drawn literally: no mathtext for '$'
+    shown = [tx._preprocess_math(tx.get_text())[0].split(" (")[0].strip() for tx in texts]
+    assert shown == list(modes)
+    title = fig.axes[0].texts[0]
+    assert title._preprocess_math(title.get_text()) == ("A: The $64,000 Question", False)

@@ -249,8 +249,10 @@ def test_grad_rms_is_the_rms_of_each_segments_own_gradient():
 def test_dyneval_on_all_weights_adapts_each_streams_own_embeddings_and_softmax():
     from dynlm.rules import adapted_names
     lm, p = tiny_lm()
-    names = adapted_names(lm, RuleConfig(dyneval_all_weights=True), "dyneval", p)
-    assert set(names) == set(p) and adapted_names(lm, RuleConfig(), "dyneval", p) == lm.lstm_names()
+    names = adapted_names(lm, RuleConfig(dyneval_weights="all"), "dyneval", p)
+    assert set(names) == set(p) and adapted_names(lm, RuleConfig(), "dyneval", p) == names  # Krause: the default
+    assert adapted_names(lm, RuleConfig(), "dyneval", p, "lstm") == lm.lstm_names()  # dyneval@lstm
+    assert adapted_names(lm, RuleConfig(), "learned", p) == lm.lstm_names()  # the learned rule: LSTM by default
     ms = {k: torch.rand_like(p[k]) + 0.1 for k in names}
     rule = DynEvalRule(ms, lr=0.05, lamb=0.01, eps=1e-3)
     steps = chunks(3, B=2)
@@ -275,3 +277,22 @@ def test_dyneval_on_all_weights_adapts_each_streams_own_embeddings_and_softmax()
         nll, reader_lstm, _ = chunk_step(lm, p, p, rule, reader_lstm, c)
         nlls.append(nll)
     assert (torch.cat(nlls, 1) - both)[:, 4:].abs().max() > 1e-6  # the embeddings/softmax updates matter
+
+
+def test_adam_control_is_the_learned_family_with_constant_gates():
+    """`adam`: theta' = theta0 + (1 - decay)(theta - theta0) - lr * clip(g / sqrt(v)), v Adam's debiased
+    second moment: by hand over three updates, per stream."""
+    torch.manual_seed(0)
+    theta0 = {"w": torch.randn(4, 3, dtype=torch.float64)}
+    rule = make_rule("adam", RuleConfig(adam_lr=0.01, adam_decay=0.1, max_step=3.0), ["w"])
+    fast = {"w": theta0["w"].expand(2, 4, 3).clone()}
+    state = rule.init_state(fast)
+    w, v = fast["w"].clone(), torch.zeros(2, 4, 3, dtype=torch.float64)
+    for t in range(1, 4):
+        g = torch.randn(2, 4, 3, dtype=torch.float64)
+        fast, state, _ = rule.update(fast, {"w": g}, theta0, state, torch.zeros(2))
+        v = 0.99 * v + 0.01 * g * g
+        step = (g / torch.sqrt(v / (1 - 0.99 ** t) + 1e-16)).clamp(-3, 3)
+        w = theta0["w"] + 0.9 * (w - theta0["w"]) - 0.01 * step
+        assert torch.allclose(fast["w"], w, rtol=1e-12, atol=1e-14)
+    assert not torch.allclose(fast["w"][0], fast["w"][1])  # each stream its own statistics

@@ -118,9 +118,10 @@ def test_demo_writes_per_article_results(tmp_path, tiny_overrides):
     assert main(["demo", "--out", str(out), *[f"--{o}" for o in tiny_overrides + small]]) == 0
     summary = json.loads((out / "eval_test" / "summary.json").read_text())
     # the whole pipeline: static LM, meta-trained learner, tuned baselines, every mode, the report
-    assert set(summary["modes"]) == {"static", "sgd", "dyneval", "cache", "learned"}
-    assert set(summary["tuned"]["values"]) >= {"rule.sgd_lr", "rule.dyneval_lr", "rule.cache_lambda"}
-    assert (out / "meta" / "tuned.yaml").exists() and (out / "meta" / "checkpoints" / "last.pt").exists()
+    assert set(summary["modes"]) == {"static", "sgd", "dyneval", "adam", "cache", "learned", "learned+cache"}
+    assert set(summary["tuned"]["modes"]) == {"sgd", "dyneval", "adam", "cache", "learned+cache"}
+    assert all(summary["settings"][m]["cache_lambda"]["source"] == "tuned" for m in ("cache", "learned+cache"))
+    assert (out / "meta" / "tuned_seg10-3streams-reset.yaml").exists() and (out / "meta" / "checkpoints" / "last.pt").exists()
     for name in ("per_article.csv", "tokens.parquet", "heatmap.html", "improvement.png", "drift.png"):
         assert (out / "eval_test" / name).exists(), name
 
@@ -149,18 +150,13 @@ def test_metatrain_then_evaluate_every_rule(trained, tmp_path):
 
 
 def test_dyneval_on_all_weights_through_evaluate(trained, tmp_path):
-    """Krause's full dynamic evaluation (embeddings and softmax too) runs from the command line and
-    scores the same tokens; its MS statistics cover every weight and are cached apart."""
+    """Krause's full dynamic evaluation (embeddings and softmax too: the default) and its LSTM-only
+    control (`dyneval@lstm`) run side by side from the command line and score the same tokens."""
     ckpt = trained / "checkpoints" / "best.pt"
-    runs = {}
-    for all_weights in (False, True):
-        out = tmp_path / f"eval_{all_weights}"
-        assert main(["evaluate", "--checkpoint", str(ckpt), "--split", "valid", "--modes", "static,dyneval",
-                     "--out", str(out), "--rule.grad_rms_chunks=3", "--rule.dyneval_lr=3e-4", "--ignore-tuned",
-                     f"--rule.dyneval_all_weights={str(all_weights).lower()}"]) == 0
-        runs[all_weights] = json.loads((out / "summary.json").read_text())["modes"]
-    lstm, every = runs[False]["dyneval"], runs[True]["dyneval"]
-    assert every["n_tokens"] == lstm["n_tokens"] == runs[True]["static"]["n_tokens"]
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--split", "valid", "--modes", "static,dyneval,dyneval@lstm",
+                 "--out", str(out), "--rule.grad_rms_chunks=3", "--rule.dyneval_lr=3e-4", "--ignore-tuned"]) == 0
+    modes = json.loads((out / "summary.json").read_text())["modes"]
+    every, lstm = modes["dyneval"], modes["dyneval@lstm"]
+    assert every["n_tokens"] == lstm["n_tokens"] == modes["static"]["n_tokens"]
     assert math.isfinite(every["ppl"]) and every["ppl"] != pytest.approx(lstm["ppl"], rel=1e-6)
-    saved = [torch.load(p)["ms"] for p in sorted((trained / "grad_rms").glob("*.pt"))]
-    assert len(saved) == 2 and sorted("embed" in ms for ms in saved) == [False, True]

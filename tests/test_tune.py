@@ -1,4 +1,5 @@
-"""`dynlm tune`: grid search with edge extension, RUN/tuned.yaml, and `evaluate` picking it up."""
+"""`dynlm tune`: grid search with edge extension, RUN/tuned_PROTOCOL.yaml (values per mode), and `evaluate`
+picking them up."""
 import json
 import math
 import shutil
@@ -15,6 +16,8 @@ from dynlm.tune import extend, grid_search, initial_grid
 SMALL_GRIDS = ["tune.sgd_lr=[0.005,0.01]", "tune.dyneval_lr=[5e-5,1e-4]", "tune.dyneval_lamb=[2e-3]",
                "tune.cache_theta=[0.3]", "tune.cache_lambda=[0.01,0.02]", "tune.max_extensions=1",
                "rule.grad_rms_chunks=3"]
+TUNED = "tuned_seg10-3streams-reset.yaml"  # TINY reads valid at segment length 10 with 3 streams
+TUNE_DIR = "tune_seg10-3streams-reset"
 
 
 def log10_bowl(center: dict):
@@ -80,49 +83,62 @@ def evaluate(ckpt, out, cache, *extra):
 
 def test_tune_writes_the_best_grid_values(tuned_run):
     run, _, _ = tuned_run
-    tuned = yaml.safe_load((run / "tuned.yaml").read_text())["rule"]
-    info = json.loads((run / "tune" / "tune.json").read_text())
+    tuned = yaml.safe_load((run / TUNED).read_text())["modes"]
+    info = json.loads((run / TUNE_DIR / "tune.json").read_text())
+    assert info["protocol"].startswith("custom") and info["n_articles"] == 3
     for mode, axes in {"sgd": ["sgd_lr"], "dyneval": ["dyneval_lr", "dyneval_lamb"],
                        "cache": ["cache_theta", "cache_lambda"]}.items():
         rows = [r for r in info["grid"] if r["mode"] == mode]
         best = min(rows, key=lambda r: r["ppl"])
         assert best["best"] and sum(r["best"] for r in rows) == 1
-        assert best["values"] == ", ".join(f"{a}={tuned[a]:g}" for a in axes)
-    assert tuned["sgd_lr"] in (0.01, 0.02, 0.04)  # the grid at segment length 10, or its one extension
+        assert best["values"] == ", ".join(f"{a}={tuned[mode][a]:g}" for a in axes)
+        assert set(tuned[mode]) == set(axes)  # each mode keeps its own values only
+    assert tuned["sgd"]["sgd_lr"] in (0.01, 0.02, 0.04)  # the grid at segment length 10, or its one extension
     # the cache helps a lot on these articles: lambda sits on the top edge, so the grid grew to 0.04
-    assert info["extended"]["cache"]["cache_lambda"] == [0.04] and tuned["cache_lambda"] == 0.04
+    assert info["extended"]["cache"]["cache_lambda"] == [0.04] and tuned["cache"]["cache_lambda"] == 0.04
     assert info["extended"]["cache"]["cache_theta"] == []  # a single value is never extended
-    logged = [json.loads(l) for l in (run / "tune" / "metrics.jsonl").read_text().splitlines()]
+    assert info["on_edge"]["cache"] == ["cache_lambda"]  # still on its edge after the one extension allowed
+    logged = [json.loads(l) for l in (run / TUNE_DIR / "metrics.jsonl").read_text().splitlines()]
     assert logged[-1]["tune/best_ppl/cache"] == pytest.approx(min(r["ppl"] for r in info["grid"] if r["mode"] == "cache"))
 
 
 def test_evaluate_uses_tuned_values_and_explicit_overrides_win(tuned_run, tmp_path, capsys):
     run, ckpt, cache = tuned_run
-    tuned = yaml.safe_load((run / "tuned.yaml").read_text())["rule"]
-    info = json.loads((run / "tune" / "tune.json").read_text())
+    tuned = yaml.safe_load((run / TUNED).read_text())["modes"]
+    info = json.loads((run / TUNE_DIR / "tune.json").read_text())
     summary = evaluate(ckpt, tmp_path / "auto", cache)
-    assert "using tuned baseline values" in capsys.readouterr().out
-    assert summary["tuned"]["values"] == {f"rule.{k}": v for k, v in tuned.items()}
+    out = capsys.readouterr()
+    assert "using tuned values" in out.out
+    # tuned on the articles this evaluation scores: said, not hidden
+    assert "tuned on the first 3 articles of the validation split" in out.err and summary["tuned"]["overlap"]
+    assert summary["tuned"]["modes"] == tuned
+    assert all(v["source"] == "tuned" for m in ("sgd", "dyneval", "cache") for v in summary["settings"][m].values())
     modes = summary["modes"]
     for mode in ("sgd", "dyneval", "cache"):  # the same 3 articles as the tuning slice: the same numbers
         best = min(r["ppl"] for r in info["grid"] if r["mode"] == mode)
         assert modes[mode]["ppl"] == pytest.approx(best, rel=1e-6)
     assert modes["cache"]["ppl"] <= modes["static"]["ppl"]  # the tuned cache is not worse than static
     # the same values passed explicitly, without the file, give the same numbers
-    explicit = evaluate(ckpt, tmp_path / "explicit", cache, "--ignore-tuned", *[f"--rule.{k}={v}" for k, v in tuned.items()])
+    explicit = evaluate(ckpt, tmp_path / "explicit", cache, "--ignore-tuned",
+                        *[f"--rule.{k}={v}" for values in tuned.values() for k, v in values.items()])
     assert "tuned" not in explicit
     for mode in modes:
         assert explicit["modes"][mode]["ppl"] == pytest.approx(modes[mode]["ppl"], rel=1e-9)
     # a command-line value beats the file: lambda = 0 is the static model again
     off = evaluate(ckpt, tmp_path / "off", cache, "--rule.cache_lambda=0")
     assert off["modes"]["cache"]["ppl"] == off["modes"]["static"]["ppl"]
-    assert off["tuned"]["overridden"] == ["rule.cache_lambda"] and off["tuned"]["effective"]["rule.cache_lambda"] == 0
+    assert off["tuned"]["explicit"] == ["cache_lambda"] and off["settings"]["cache"]["cache_lambda"] == {
+        "value": 0.0, "source": "explicit"}
 
 
 def test_tune_bad_input_is_a_clear_error(tuned_run, tmp_path, capsys):
     _, ckpt, cache = tuned_run
-    assert main(["tune", "--checkpoint", str(ckpt), "--modes", "cache,static", f"--data.cache_dir={cache}"]) == 2
+    assert main(["tune", "--checkpoint", str(ckpt), "--modes", "cache,bogus", f"--data.cache_dir={cache}"]) == 2
     assert "unknown mode" in capsys.readouterr().err
+    assert main(["tune", "--checkpoint", str(ckpt), "--modes", "static", f"--data.cache_dir={cache}"]) == 2
+    assert "nothing to tune for static" in capsys.readouterr().err
+    assert main(["tune", "--checkpoint", str(ckpt), "--modes", "learned+cache", f"--data.cache_dir={cache}"]) == 2
+    assert "needs a learner" in capsys.readouterr().err
     assert main(["tune", "--checkpoint", str(tmp_path / "missing.pt")]) == 2
     assert "not found" in capsys.readouterr().err
     assert main(["tune", "--checkpoint", str(ckpt), "--modes", "cache", "--tune.cache_lambda=[]"]) == 2
@@ -135,7 +151,7 @@ def test_malformed_tuned_file_is_a_clear_error(tuned_run, tmp_path, capsys):
     run, ckpt, cache = tuned_run
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
-    (copy / "tuned.yaml").write_text("rule:\n  no_such_key: 1\n")
+    (copy / TUNED).write_text("modes:\n  cache:\n    no_such_key: 1\n")
     assert main(["evaluate", "--checkpoint", str(copy / "checkpoints" / "best.pt"), "--out", str(tmp_path / "e"),
                  f"--data.cache_dir={cache}"]) == 2
     assert "no_such_key" in capsys.readouterr().err
@@ -145,7 +161,7 @@ def test_tune_can_skip_the_articles_an_evaluation_scores(tuned_run, tmp_path, ca
     """--skip-articles 1 --articles 2 tunes on articles 2-3 exactly: with article 1 alone they make up
     the 3 articles of the fixture's tuning, token for token."""
     run, _, cache = tuned_run
-    whole = json.loads((run / "tune" / "tune.json").read_text())
+    whole = json.loads((run / TUNE_DIR / "tune.json").read_text())
     parts = []
     for skip, n in ((0, 1), (1, 2)):
         copy = tmp_path / f"run{skip}"
@@ -153,10 +169,10 @@ def test_tune_can_skip_the_articles_an_evaluation_scores(tuned_run, tmp_path, ca
         assert main(["tune", "--checkpoint", str(copy / "checkpoints" / "best.pt"), "--modes", "cache",
                      "--skip-articles", str(skip), "--articles", str(n), f"--data.cache_dir={cache}",
                      *[f"--{o}" for o in SMALL_GRIDS]]) == 0
-        parts.append(json.loads((copy / "tune" / "tune.json").read_text()))
+        parts.append(json.loads((copy / TUNE_DIR / "tune.json").read_text()))
         assert (parts[-1]["skip_articles"], parts[-1]["n_articles"]) == (skip, n)
     assert "on valid articles 2-3" in capsys.readouterr().out
-    assert "articles 2-3" in (tmp_path / "run1" / "tuned.yaml").read_text()
+    assert "articles 2-3" in (tmp_path / "run1" / TUNED).read_text()
     assert sum(p["n_tokens"] for p in parts) == whole["n_tokens"]
     nll = sum(p["n_tokens"] * math.log(p["static_ppl"]) for p in parts)
     assert math.exp(nll / whole["n_tokens"]) == pytest.approx(whole["static_ppl"], rel=1e-9)
@@ -164,3 +180,33 @@ def test_tune_can_skip_the_articles_an_evaluation_scores(tuned_run, tmp_path, ca
     assert main(["tune", "--checkpoint", str(tmp_path / "run0" / "checkpoints" / "best.pt"), "--modes", "cache",
                  "--skip-articles", "3", f"--data.cache_dir={cache}"]) == 2
     assert "none would be left" in capsys.readouterr().err
+
+
+def test_a_grid_on_which_every_point_diverges_is_an_error_and_writes_nothing(tuned_run, tmp_path, capsys):
+    run, _, cache = tuned_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    before = (copy / TUNED).read_text()
+    assert main(["tune", "--checkpoint", str(copy / "checkpoints" / "best.pt"), "--modes", "sgd@all", "--articles", "1",
+                 f"--data.cache_dir={cache}", "--tune.sgd_lr=[1e6,1e7]", "--tune.max_extensions=0"]) == 2
+    err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("dynlm tune:")]  # not progress bars
+    assert len(err) == 1 and "error: tune sgd@all: every point of the grid diverged" in err[0]
+    assert (copy / TUNED).read_text() == before  # no "best" of a diverged grid was written
+
+
+def test_the_cache_on_top_of_a_mode_starts_from_both_tuned_values(tuned_run, tmp_path):
+    """dyneval+cache keeps dyneval's tuned rates and the cache's tuned theta, and searches the
+    interpolation weight (tune.combo_axes) on the adapted model's hidden states."""
+    run, _, cache = tuned_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    assert main(["tune", "--checkpoint", str(copy / "checkpoints" / "best.pt"), "--modes", "dyneval+cache",
+                 "--articles", "3", f"--data.cache_dir={cache}", *[f"--{o}" for o in SMALL_GRIDS]]) == 0
+    tuned = yaml.safe_load((copy / TUNED).read_text())["modes"]
+    combo = tuned["dyneval+cache"]
+    assert {k: combo[k] for k in ("dyneval_lr", "dyneval_lamb")} == tuned["dyneval"]
+    assert combo["cache_theta"] == tuned["cache"]["cache_theta"] and combo["cache_lambda"] in (0.01, 0.02, 0.04)
+    info = json.loads((copy / TUNE_DIR / "tune.json").read_text())
+    rows = [r for r in info["grid"] if r["mode"] == "dyneval+cache"]
+    assert all(r["values"].startswith("cache_lambda=") for r in rows) and len(rows) >= 2
+    assert min(r["ppl"] for r in rows) < min(r["ppl"] for r in info["grid"] if r["mode"] == "static")

@@ -45,6 +45,7 @@ class LSTMLM:
                 cfg.hidden_size, vocab_size, cutoffs, div_value=4.0, device="meta"
             )
         self._fused = {}  # (in, hidden) -> nn.LSTM template for the shared-weight path
+        self.fuse_single_stream = True  # B = 1 per-stream weights take the shared kernels (cost.py counts ops: off)
 
     # ---- parameters -------------------------------------------------------------
     def init_params(self, seed: int = 0, device="cpu", dtype=torch.float32) -> Params:
@@ -106,6 +107,9 @@ class LSTMLM:
     def _layer(self, x, state, w_ih, w_hh, b, double_backward=False):
         if w_ih.dim() == 2 and w_hh.dim() == 2 and b.dim() == 1:
             return self._layer_fused(x, state, w_ih, w_hh, b)
+        if self.fuse_single_stream and x.shape[0] == 1 and not double_backward and w_ih.dim() == 3 and w_hh.dim() == 3 and b.dim() == 2:
+            # one stream (Krause's protocol): its own weights are just weights, so the fused kernel applies
+            return self._layer_fused(x, state, w_ih.squeeze(0), w_hh.squeeze(0), b.squeeze(0))
         # the hand-written backward needs every weight per stream and one dtype (no autocast)
         if (not double_backward and w_ih.dim() == 3 and w_hh.dim() == 3 and b.dim() == 2
                 and not torch.is_autocast_enabled(x.device.type)):
@@ -124,7 +128,10 @@ class LSTMLM:
 
     def nll(self, params: Params, out: Tensor, targets: Tensor) -> Tensor:
         """Per-token negative log-likelihood (B, T) of `targets` (B, T)."""
-        if self.per_stream_output(params):  # no shared kernel: each stream's own full distribution
+        if self.per_stream_output(params):
+            if out.shape[0] == 1 and self.fuse_single_stream:  # one stream: its own weights take the shared kernels
+                return self.nll(self._first_stream(params), out, targets)
+            # no shared kernel: each stream's own full distribution
             return -self.log_probs(params, out).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         flat, tgt = out.reshape(-1, out.shape[-1]), targets.reshape(-1)
         if self.adaptive:
@@ -147,6 +154,12 @@ class LSTMLM:
             h = _linear(h, params[f"adaptive.tail.{i}.1.weight"])
             parts.append(head[..., a.shortlist_size + i, None] + F.log_softmax(_upcast(h), dim=-1))
         return torch.cat(parts, dim=-1)
+
+    def _first_stream(self, params: Params) -> Params:
+        """The output weights of a single stream (B = 1) without their stream dimension."""
+        names = [k for k in params if k.startswith("adaptive.")] if self.adaptive else ["embed", "proj", "out_bias"]
+        return {**params, **{k: params[k].squeeze(0) for k in names
+                             if k in params and params[k].dim() > (1 if k.endswith("bias") else 2)}}
 
     def per_stream_output(self, params: Params) -> bool:
         """Whether any softmax weight comes with a leading stream dimension."""

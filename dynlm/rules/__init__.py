@@ -1,21 +1,29 @@
 """Update rules behind one interface (see base.Rule)."""
 from __future__ import annotations
 
-from ..config import RuleConfig
+from ..config import ConfigError, RuleConfig
+from .adam import AdamDecayRule
 from .base import Rule, SGDRule, StaticRule
 from .dyneval import DynEvalRule, compute_grad_rms
 from .learned import LearnedRule
 
-RULES = ("static", "sgd", "dyneval", "learned")
+RULES = ("static", "sgd", "dyneval", "adam", "learned")
 
 
-def adapted_names(lm, cfg: RuleConfig, mode: str, params) -> list[str]:
-    """Which weights a rule rewrites: the LSTM weights of the chosen layers; dynamic evaluation with
-    rule.dyneval_all_weights adds every other weight (Krause et al.: embeddings and softmax too)."""
+WEIGHTS = ("lstm", "all")
+
+
+def adapted_names(lm, cfg: RuleConfig, mode: str, params, weights: str | None = None) -> list[str]:
+    """Which weights a rule rewrites: `lstm`, the LSTM weights of the chosen layers, or `all`, every
+    weight (Krause et al.: embeddings and softmax too). `weights` (e.g. from a mode name `dyneval@lstm`)
+    wins over rule.dyneval_weights (dyneval) / rule.weights (every other rule)."""
     if mode == "static":
         return []
+    weights = weights or (cfg.dyneval_weights if mode == "dyneval" else cfg.weights)
+    if weights not in WEIGHTS:
+        raise ConfigError(f"adapted weights {weights!r}; valid: {', '.join(WEIGHTS)}")
     lstm = lm.lstm_names(cfg.layers or None)
-    if mode == "dyneval" and cfg.dyneval_all_weights:
+    if weights == "all":
         return [k for k in params if not k.startswith("lstm.") or k in lstm]
     return lstm
 
@@ -29,8 +37,11 @@ def make_rule(mode: str, cfg: RuleConfig, names: list[str], ms=None, learner_sta
         if ms is None:
             raise ValueError("dyneval needs the gradient RMS statistics (MS) of the training data")
         return DynEvalRule(ms, cfg.dyneval_lr, cfg.dyneval_lamb, cfg.dyneval_eps)
+    if mode == "adam":
+        return AdamDecayRule(cfg.adam_lr, cfg.adam_decay, cfg.max_step)
     if mode == "learned":
-        rule = LearnedRule(names, cfg.learner, cfg.learner_hidden, cfg.forget_bias, cfg.init_lr, cfg.max_step)
+        rule = LearnedRule(names, cfg.learner, cfg.learner_hidden, cfg.forget_bias, cfg.init_lr, cfg.max_step,
+                           cfg.learner_features)
         if learner_state is not None:
             rule.load_state_dict(learner_state)
         return rule.compile() if cfg.compile else rule

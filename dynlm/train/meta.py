@@ -1,9 +1,11 @@
 """Meta-training: unroll K prequential chunk steps of the learned rule, back-propagate the
 summed prequential loss into the learner and theta0, truncate, keep reading the same articles.
+The unroll itself (and the truncation, which holds back the last chunk's update so the next
+meta-step's first chunk still carries a meta-gradient) is `unroll.TruncatedUnroll`.
 
 Reliability as in static training: rotating checkpoints hold the learner, theta0, the static
 weights, the optimizer, every RNG, the reading position and each stream's memory (fast weights,
-rule state, hidden states), so `--resume` continues bit-exactly; SIGINT/SIGTERM save and stop;
+rule state, hidden states, the held-back update), so `--resume` continues bit-exactly; SIGINT/SIGTERM save and stop;
 a non-finite meta-loss or meta-gradient skips the step and restarts the streams' memory from
 theta0; under torchrun each rank reads its own streams and the meta-gradients are all-reduced.
 """
@@ -28,10 +30,11 @@ from ..model import LSTMLM
 from ..rules import adapted_names, compute_grad_rms, make_rule
 from ..signals import StopOnSignals
 from ..tracking import Tracker
-from ..unroll import Reader, chunk_step, reset_rows, reset_streams, start_reader
+from ..unroll import HeldUpdate, Reader, TruncatedUnroll, reset_rows
 from .setup import prepare_data
 
-RESUME_MUST_MATCH = ("model", "data", "rule.learner", "rule.learner_hidden", "rule.layers", "meta.batch_size",
+RESUME_MUST_MATCH = ("model", "data", "rule.learner", "rule.learner_hidden", "rule.learner_features", "rule.layers",
+                     "rule.weights", "meta.batch_size",
                      "meta.chunk", "meta.boundary", "meta.seed")
 RESUME_MAY_DIFFER = ("data.cache_dir", "data.path")
 
@@ -155,7 +158,8 @@ def _metatrain(cfg: Config, run_dir: Path, init: Path | None, resume: bool, dinf
             if ck["reader"] is not None:
                 rows = D.shard_slice(ck["reader"]["static_hidden"][0][0].shape[0], dinfo.rank, dinfo.world_size)
                 r = {kind: _rows(v, rows, device) for kind, v in ck["reader"].items()}
-                reader = Reader(r["hidden"], r["fast"], r["rule_state"])
+                reader = Reader(r["hidden"], r["fast"], r["rule_state"],
+                                HeldUpdate(**r["held"]) if "held" in r else None)  # older checkpoints: none
                 static_hidden = r["static_hidden"]
             if main:
                 print(f"resumed meta-training from {path} at step {step} (epoch {epoch}, chunk {chunk_idx})")
@@ -175,6 +179,8 @@ def _metatrain(cfg: Config, run_dir: Path, init: Path | None, resume: bool, dinf
             return None
         local = {"hidden": reader.hidden, "fast": reader.fast, "rule_state": reader.rule_state,
                  "static_hidden": static_hidden}
+        if reader.held is not None:
+            local["held"] = dict(vars(reader.held))  # the held-back update: drift, grads, rule_state, loss, active
         local = _detach_cpu(local)
         return _cat_rows(D.gather_objects(local)) if dinfo.enabled else local
 
@@ -209,6 +215,8 @@ def _metatrain(cfg: Config, run_dir: Path, init: Path | None, resume: bool, dinf
         return {"meta/valid_ppl_static": static_valid_ppl, "meta/valid_ppl_learned": learned,
                 "meta/valid_rel_change": learned / static_valid_ppl - 1}
 
+    unroll = TruncatedUnroll(lm, rule, m.unroll, second_order=m.second_order, checkpoint=m.checkpoint,
+                             fisher=fisher, boundary=m.boundary)
     tracker = Tracker(cfg.log, run_dir, to_dict(cfg), job_type="metatrain", enabled=main)
     positions = reading_positions(train_arts, cfg, tok.eos_id, epoch, chunk_idx, dinfo)
     start, window_start, window_tokens = time.perf_counter(), time.perf_counter(), 0
@@ -217,43 +225,40 @@ def _metatrain(cfg: Config, run_dir: Path, init: Path | None, resume: bool, dinf
     stopped_by, valid = None, {}
     with StopOnSignals() as stop:
         while step < m.steps:
-            dyn_sum, n_local, penalty = 0.0, 0, 0.0
-            for _ in range(m.unroll):
-                epoch, c, layout = next(positions)
-                chunk = layout.chunk(c).to(device)
-                if reader is None or c == 0:  # a new epoch: new streams
-                    reader = start_reader(lm, theta0, rule, names, layout.n_streams, device)
-                    static_hidden = lm.init_state(layout.n_streams, device=device)
+            read = [next(positions) for _ in range(m.unroll)]
+            epoch, c, layout = read[-1]
+            # a new epoch (chunk 0) reads a new layout: new streams
+            meta_step = unroll({**static, **theta0}, theta0, reader, [(lay.chunk(i).to(device), i == 0)
+                                                                      for _, i, lay in read])
+            for r in meta_step.chunks:  # the static model on the same chunks: the gain we are after
+                chunk = r.chunk
+                if static_hidden is None or r.restarted:
+                    static_hidden = lm.init_state(chunk.inputs.shape[0], device=device)
                 if m.boundary == "reset":
-                    reader = reset_streams(reader, theta0, rule, chunk.new_article)
                     static_hidden = reset_rows(static_hidden, chunk.new_article)
-                nll, reader, stats = chunk_step(lm, {**static, **theta0}, theta0, rule, reader, chunk, meta=True,
-                                                second_order=m.second_order, checkpoint=m.checkpoint)
-                with torch.no_grad():  # the static model on the same chunk: the gain we are after
+                with torch.no_grad():
                     weights = {**static, **theta0}
                     out, static_hidden = lm.hidden(weights, chunk.inputs, static_hidden)
                     window["static"] += float((lm.nll(weights, out, chunk.targets) * chunk.mask).sum())
-                if fisher is not None:  # long-term consolidation: stay near theta0 where it matters
-                    penalty = penalty + sum((fisher[k] * (reader.fast[k] - theta0[k]).pow(2)).sum() for k in names)
-                n = int(chunk.mask.sum())
-                dyn_sum, n_local = dyn_sum + nll.sum(), n_local + n
-                window["dyn"] += float(nll.detach().sum()); window["n"] += n
-                window["forget"] += float(stats["forget"]); window["input"] += float(stats["input"]); window["k"] += 1
+                window["dyn"] += float(r.nll.detach().sum()); window["n"] += r.tokens
+                window["forget"] += float(r.stats["forget"]); window["input"] += float(r.stats["input"])
+                window["k"] += 1
             chunk_idx = c + 1  # where a resumed run continues reading
-            n_global = D.all_reduce_sum(n_local)  # every rank divides by the global count: exact global mean
-            loss = dyn_sum / max(n_global, 1)
+            n_global = D.all_reduce_sum(meta_step.tokens)  # every rank divides by the global count: exact global mean
+            loss = meta_step.nll / max(n_global, 1)
             if fisher is not None:
-                loss = loss + m.ewc_lambda * penalty / (m.unroll * D.all_reduce_sum(layout.n_streams))
+                loss = loss + m.ewc_lambda * meta_step.penalty / (m.unroll * D.all_reduce_sum(layout.n_streams))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             D.all_reduce_grads(trained)
             grad_norm = torch.nn.utils.clip_grad_norm_(trained, m.clip)
             if guard.check(step, loss=D.all_reduce_sum(loss.detach()), grad_norm=grad_norm):
                 opt.step()
-                reader = reader.detached()  # truncate: keep reading the same articles
+                reader = meta_step.reader  # truncated: keep reading the same articles
             else:  # the streams' memory may hold NaNs: restart it from theta0
                 opt.zero_grad(set_to_none=True)
-                reader = start_reader(lm, theta0, rule, names, layout.n_streams, device)
+                reader = unroll.start(theta0, layout.n_streams, device)
+            del meta_step  # the graph
             step += 1
             tokens += n_global
             window_tokens += n_global

@@ -1,0 +1,43 @@
+"""The control for meta-learning: the learned rule's update family with hand-set values.
+
+    theta' = theta0 + (1 - decay) * (theta - theta0) - lr * clip(g / sqrt(v)),
+
+per stream, with v Adam's running second moment of the gradient (rules/learned.py,
+`preconditioned_step`). It is what the learned rule computes with constant gates (forget gate
+1 - decay, input step lr everywhere); tuned by the same grid search as sgd and dyneval, it tells
+the gain of meta-learning the gates apart from the gain of an Adam-normalised step with a pull
+towards theta0.
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import Rule
+from .learned import preconditioned_step
+
+
+class AdamDecayRule(Rule):
+    name = "adam"
+
+    def __init__(self, lr: float, decay: float, max_step: float):
+        super().__init__()
+        if not 0 <= decay <= 1:
+            raise ValueError(f"rule.adam_decay must be in [0, 1], got {decay}")
+        self.lr, self.decay, self.max_step = lr, decay, max_step
+
+    def init_state(self, fast):
+        state = {f"v.{k}": torch.zeros_like(w) for k, w in fast.items()}
+        first = next(iter(fast.values()))
+        state["t"] = first.new_zeros(first.shape[0])  # (B,) updates so far
+        return state
+
+    def update(self, fast, grads, theta0, state, loss):
+        t = state["t"] + 1  # (B,)
+        new, new_state = {}, {"t": t}
+        for k, w in fast.items():
+            B = w.shape[0]
+            step, v = preconditioned_step(grads[k].reshape(B, -1), state[f"v.{k}"].reshape(B, -1), t, self.max_step)
+            drift = w - theta0[k]  # (B, ...)
+            new[k] = theta0[k] + (1 - self.decay) * drift - self.lr * step.view_as(w)
+            new_state[f"v.{k}"] = v.view_as(w)
+        return new, new_state, {}
