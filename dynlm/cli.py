@@ -138,7 +138,8 @@ def cmd_experiment(args, extra):
                            results_file=Path(args.results_file) if args.results_file else None,
                            readme=Path(args.readme) if args.readme else None,
                            redo=[x.strip() for x in args.redo.split(",") if x.strip()] if args.redo else [],
-                           estimate=(args.estimate_tflops, args.estimate_bandwidth) if args.estimate else None)
+                           estimate=(args.estimate_tflops, args.estimate_bandwidth) if args.estimate else None,
+                           modes=[m.strip() for m in args.modes.split(",") if m.strip()] if args.modes else None)
 
 
 def cmd_bench(args, extra):
@@ -214,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--estimate-bandwidth", type=float, default=3.0, metavar="TB_S",
                    help="sustained memory bandwidth assumed for --estimate's tokens/s (default 3 TB/s: about 60%% "
                         "of an H200's 4.8 TB/s)")
+    p.add_argument("--modes", metavar="M1,M2", help="run only these of the experiment's modes (and static), e.g. "
+                                                   "the most telling ones first on a slow machine; the results "
+                                                   "say which were left out")
     p.add_argument("--redo", metavar="STAGES", help="tune,evaluate: run these again even when done (evaluate then "
                                                     "says whether it reproduced the recorded numbers)")
     p.add_argument("--runs", default="runs", metavar="DIR",

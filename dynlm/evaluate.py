@@ -100,6 +100,9 @@ def score(
     return scores.sorted()
 
 
+EARLY_TOKENS = 100  # summary.json's ppl_first100: the first tokens of every article
+
+
 def perplexity(nll_sum: float, n: int) -> float:
     """exp(mean NLL); inf when that overflows (a rule whose weights diverged), not an OverflowError."""
     if not n:
@@ -124,7 +127,9 @@ def summarize(results: dict[str, TokenScores], articles: list[Article], per_word
     modes = {}
     for mode, s in results.items():
         total = float(s.nll.sum())
+        early = s.position < EARLY_TOKENS  # just after an article boundary: where carried memory helps or hurts
         modes[mode] = {"ppl": perplexity(total, n_tokens), "nll_per_token": total / n_tokens,
+                       f"ppl_first{EARLY_TOKENS}": perplexity(float(s.nll[early].sum()), int(early.sum())),
                        "n_tokens": n_tokens, "n_articles": len(articles),
                        "tokens_per_s": n_tokens / s.seconds if s.seconds else None}
         if s.drift is not None:  # relative weight drift ||theta - theta0|| / ||theta0||: bounded or not

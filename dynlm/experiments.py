@@ -22,6 +22,7 @@ is cheap, an interrupted one continues where it stopped, and the ablations share
 from __future__ import annotations
 
 import copy
+import dataclasses
 import csv
 import hashlib
 import json
@@ -758,6 +759,8 @@ class ExperimentRunner:
         _write_json(self.exp_dir / "experiment.json", {
             "experiment": self.exp.name, "title": self.exp.title, "scale": self.scale, "corpus": CORPUS[self.scale],
             "command": self.command, "updated": _now(), "commit": self.commit, "modes": list(self.exp.modes),
+            "modes_left_out": [m for m in EXPERIMENTS[self.exp.name].modes if m not in self.exp.modes]
+            if self.exp.name in EXPERIMENTS else [],
             "tuned": list(self.exp.tune), "tune_articles": self.configs.arms[0].cfg.tune.articles,
             "tune_skip_articles": self.configs.arms[0].cfg.tune.skip_articles,
             "data": describe_data(self.configs.static),
@@ -960,19 +963,21 @@ def experiment_section(r: dict) -> str:
     tune = (f" Protocol: `{protocol}`." if protocol else "") + tune
     lines.append(f"Data: {r.get('data', '?')}. Base model: `{r['base']['run_dir']}` ({', '.join(r['base']['files'])}"
                  + (f"; {r['base']['progress']}" if r['base'].get("progress") else "") + ")." + tune)
-    lines += ["", "| arm | mode | valid ppl | per-word ppl | vs static (per token) | tokens/s | tokens | articles |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| arm | mode | valid ppl | per-word ppl | vs static (per token) | first 100 tokens of each article "
+                  "(ppl) | tokens/s | tokens | articles |", "|---|---|---|---|---|---|---|---|---|"]
     produced = []
     for arm in r["arms"]:
         s = (arm.get("summary") or {}).get("modes")
         if not s:
-            lines.append(f"| {arm['name']} | (not evaluated yet) | | | | | | |")
+            lines.append(f"| {arm['name']} | (not evaluated yet) | | | | | | | |")
             continue
         for mode in [m for m in COMPARISON_ORDER if m in s] + [m for m in s if m not in COMPARISON_ORDER]:
             m = s[mode]
             rel, tps, word = m.get("rel_change_vs_static"), m.get("tokens_per_s"), m.get("word_ppl")
+            early = m.get("ppl_first100")
             cells = [arm["name"], mode, f"{m['ppl']:.2f}", "" if word is None else f"{word:.2f}",
-                     "" if rel is None else f"{100 * rel:+.2f}%", "" if tps is None else f"{tps:,.0f}",
+                     "" if rel is None else f"{100 * rel:+.2f}%", "" if early is None else f"{early:.2f}",
+                     "" if tps is None else f"{tps:,.0f}",
                      f"{m['n_tokens']:,}", str(m["n_articles"])]
             lines.append("| " + " | ".join(cells) + " |")
         rec = arm.get("record", {})
@@ -989,6 +994,8 @@ def experiment_section(r: dict) -> str:
         produced.append(f"- {arm['name']}: {subset}{meta}{tuned}; evaluated at commit `{rec.get('commit', '?')}`"
                         f" on {rec.get('finished', '?')} by `{rec.get('command', r['command'])}`")
     lines += ["", *produced]
+    if r.get("modes_left_out"):
+        lines += ["", f"Not run in this record (`--modes`): {', '.join(r['modes_left_out'])}."]
     return "\n".join(lines)
 
 
@@ -1063,8 +1070,9 @@ def write_results(runs: Path, results_file: Path | None, readme: Path | None) ->
 
 
 # ---- entry point ----------------------------------------------------------------------------------
-def experiment_command(name: str, scale: str, data_dir: str | None, overrides: list[str], runs: Path) -> str:
-    args = ["dynlm", "experiment", name, "--scale", scale]
+def experiment_command(name: str, scale: str, data_dir: str | None, overrides: list[str], runs: Path,
+                       modes: list[str] | None = None) -> str:
+    args = ["dynlm", "experiment", name, "--scale", scale] + (["--modes", ",".join(modes)] if modes else [])
     if data_dir:
         args += ["--data-dir", data_dir]
     if Path(runs) != Path("runs"):
@@ -1072,10 +1080,25 @@ def experiment_command(name: str, scale: str, data_dir: str | None, overrides: l
     return shlex.join(args + [f"--{o.lstrip('-')}" for o in overrides])
 
 
+def only_modes(exp: Experiment, modes: list[str] | None) -> Experiment:
+    """The experiment restricted to `modes` (and static, the reference) for one run, e.g. to get the most
+    telling columns first on a slow machine; the record lists the modes left out."""
+    if not modes:
+        return exp
+    unknown = sorted(set(modes) - set(exp.modes))
+    if unknown:
+        raise ConfigError(f"--modes {','.join(unknown)}: not modes of experiment {exp.name!r} "
+                          f"({', '.join(exp.modes)})")
+    keep = set(modes) | {"static"}
+    return dataclasses.replace(exp, modes=tuple(m for m in exp.modes if m in keep),
+                               tune=tuple(m for m in exp.tune if m in keep))
+
+
 def run_experiments(name: str | None, scale: str = "cpu", overrides: list[str] = (), data_dir: str | None = None,
                     dry_run: bool = False, results_only: bool = False, runs: Path = Path("runs"),
                     results_file: Path | None = RESULTS_FILE, readme: Path | None = README_FILE,
-                    redo: list[str] = (), estimate: tuple[float, float] | None = None) -> int:
+                    redo: list[str] = (), estimate: tuple[float, float] | None = None,
+                    modes: list[str] | None = None) -> int:
     """`dynlm experiment`: plan (--dry-run), estimate the cost of (--estimate), or run one experiment, or
     `all` in registry order; returns
     the exit code (128 + signal when a training stage was stopped, resumable by running it again)."""
@@ -1087,8 +1110,8 @@ def run_experiments(name: str | None, scale: str = "cpu", overrides: list[str] =
     names = list(EXPERIMENTS) if name == "all" else [get_experiment(name).name]
     user = [o.lstrip("-") for o in overrides]
     data = ["data.source=wikitext", f"data.path={data_dir}"] if data_dir else []  # before the user's, which win
-    runners = [ExperimentRunner(EXPERIMENTS[n], scale, data + user, runs,
-                                experiment_command(n, scale, data_dir, user, runs), results_file, readme, redo)
+    runners = [ExperimentRunner(only_modes(EXPERIMENTS[n], modes), scale, data + user, runs,
+                                experiment_command(n, scale, data_dir, user, runs, modes), results_file, readme, redo)
                for n in names]  # every config is validated before anything runs
     for runner in runners:
         if estimate:  # (TFLOP/s, TB/s) assumed sustained on the GPU

@@ -278,3 +278,17 @@ def test_a_redone_evaluation_says_how_far_it_moved_and_why_it_may_have():
     assert "static 112.9231 -> 112.9231;" in text  # an unchanged mode shows no relative change
     assert "recorded with 1 torch thread(s), redone with 2" in text
     assert "thread" not in compare_summaries(before, moved, (None, 2))  # older records did not say
+
+
+def test_an_experiment_can_run_a_subset_of_its_modes_and_says_so(tmp_path, capsys):
+    args = tiny_experiment_args(tmp_path)
+    assert main(["experiment", "krause", "--modes", "dyneval,cache", *args]) == 0
+    summary = json.loads((tmp_path / "runs" / "experiments" / "cpu" / "krause" / "main" / "eval_valid"
+                          / "summary.json").read_text())
+    assert set(summary["modes"]) == {"static", "dyneval", "cache"} and set(summary["tuned"]["modes"]) == {
+        "dyneval", "cache"}
+    results = (tmp_path / "RESULTS.md").read_text()
+    assert "Not run in this record (`--modes`): dyneval@lstm, dyneval+cache, adam, sgd, adam+cache, sgd+cache." in results
+    assert "dynlm experiment krause --scale cpu --modes dyneval,cache" in results
+    assert main(["experiment", "krause", "--modes", "learned", *args]) == 2
+    assert "not modes of experiment 'krause'" in capsys.readouterr().err

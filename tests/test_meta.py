@@ -155,6 +155,18 @@ def test_ewc_holds_the_fast_weights_closer_to_theta0(base, cache_dir, tmp_path):
     assert metatrain(base, tmp_path / "plain", cache_dir, *common) == 0
     assert metatrain(base, tmp_path / "ewc", cache_dir, *common, "--meta.ewc_lambda=100", "--meta.ewc_chunks=5") == 0
     assert drift(tmp_path / "ewc") < 0.8 * drift(tmp_path / "plain")
+    # the learner reads F per coordinate (as F / mean F); the checkpoint keeps it, and the rule built
+    # from the checkpoint for evaluation reads the same F
+    ck = load_checkpoint(tmp_path / "ewc" / "checkpoints" / "last.pt")
+    cfg = load_config([], [], base=ck["config"])
+    names = list(ck["reader"]["fast"])
+    rule = make_rule("learned", cfg.rule, names, learner_state=ck["learner"])
+    assert set(rule.consolidation) == set(names)
+    mean = torch.cat([f.flatten() for f in rule.consolidation.values()]).mean()
+    assert float(mean) == pytest.approx(1.0, rel=1e-5)
+    assert not any(k.startswith("consolidation.") for k in rule.state_dict())
+    plain = load_checkpoint(tmp_path / "plain" / "checkpoints" / "last.pt")
+    assert make_rule("learned", cfg.rule, names, learner_state=plain["learner"]).consolidation is None
 
 
 def test_ewc_outside_the_continuous_setting_is_a_config_error(base, cache_dir, tmp_path, capsys):

@@ -40,9 +40,29 @@ def make_rule(mode: str, cfg: RuleConfig, names: list[str], ms=None, learner_sta
     if mode == "adam":
         return AdamDecayRule(cfg.adam_lr, cfg.adam_decay, cfg.max_step)
     if mode == "learned":
+        consolidation = learner_consolidation(learner_state) if learner_state is not None else None
+        learner_state = learner_parameters(learner_state) if learner_state is not None else None
         rule = LearnedRule(names, cfg.learner, cfg.learner_hidden, cfg.forget_bias, cfg.init_lr, cfg.max_step,
                            cfg.learner_features)
         if learner_state is not None:
             rule.load_state_dict(learner_state)
+        if consolidation:
+            rule.consolidation = consolidation
         return rule.compile() if cfg.compile else rule
     raise ValueError(f"unknown rule {mode!r}; available: {', '.join(RULES)}")
+
+
+CONSOLIDATION = "consolidation."  # learner-state keys holding the per-coordinate F the learner was trained with
+
+
+def with_consolidation(state: dict, consolidation: dict | None) -> dict:
+    """A learner's state for a checkpoint: its parameters and, when it reads one, its consolidation input."""
+    return {**state, **{CONSOLIDATION + k: v.detach() for k, v in (consolidation or {}).items()}}
+
+
+def learner_parameters(state: dict) -> dict:
+    return {k: v for k, v in state.items() if not k.startswith(CONSOLIDATION)}
+
+
+def learner_consolidation(state: dict) -> dict:
+    return {k[len(CONSOLIDATION):]: v for k, v in state.items() if k.startswith(CONSOLIDATION)}

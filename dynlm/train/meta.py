@@ -27,7 +27,7 @@ from ..data.streams import StreamLayout
 from ..evaluate import perplexity, score
 from ..faults import FaultGuard
 from ..model import LSTMLM
-from ..rules import adapted_names, compute_grad_rms, make_rule
+from ..rules import adapted_names, compute_grad_rms, learner_parameters, make_rule, with_consolidation
 from ..signals import StopOnSignals
 from ..tracking import Tracker
 from ..unroll import HeldUpdate, Reader, TruncatedUnroll, reset_rows
@@ -76,10 +76,18 @@ def reading_positions(articles, cfg, eos_id, epoch, chunk_idx, dinfo):
 
 
 def ewc_fisher(lm, params, articles, cfg: Config, names, eos_id, device) -> dict:
-    """Diagonal empirical Fisher of the per-segment loss over training chunks, normalised to mean 1
-    so that meta.ewc_lambda does not depend on the model's gradient scale."""
+    """Diagonal empirical Fisher of the per-token loss, in the units of standard EWC (Kirkpatrick et
+    al. 2017): F = E[(d loss_token / d theta)^2], estimated from the squared gradient of each training
+    segment's mean loss (one stream, meta.chunk tokens), which is about F / meta.chunk when the tokens'
+    gradients are independent: F = meta.chunk * E[g_segment^2]."""
     layout = StreamLayout(articles, cfg.meta.batch_size, cfg.meta.chunk, eos_id)
-    fisher = {k: v.pow(2) for k, v in compute_grad_rms(lm, params, layout, names, cfg.meta.ewc_chunks, device).items()}
+    rms = compute_grad_rms(lm, params, layout, names, cfg.meta.ewc_chunks, device, stat="stream")
+    return {k: cfg.meta.chunk * v.pow(2) for k, v in rms.items()}
+
+
+def consolidation_input(fisher: dict) -> dict:
+    """The learner's per-coordinate consolidation feature: F relative to its mean over every adapted
+    weight (scale-free, so one learner reads any model's Fisher)."""
     mean = torch.cat([f.flatten() for f in fisher.values()]).mean().clamp(min=1e-30)
     return {k: f / mean for k, f in fisher.items()}
 
@@ -128,6 +136,8 @@ def _metatrain(cfg: Config, run_dir: Path, init: Path | None, resume: bool, dinf
     static, theta0, opt, trained = meta_parameters(params, names, rule, m, device)
     guard = FaultGuard(m.max_bad_steps, where="meta", verbose=main)
     fisher = ewc_fisher(lm, {**static, **theta0}, train_arts, cfg, names, tok.eos_id, device) if m.ewc_lambda else None
+    if fisher is not None:  # the third level, per coordinate: the learner sees how much each weight matters
+        rule.consolidation = consolidation_input(fisher)
 
     step, epoch, chunk_idx, minutes_before, tokens, reader, static_hidden = 0, 0, 0, 0.0, 0, None, None
     best_valid = float("inf")
@@ -146,7 +156,7 @@ def _metatrain(cfg: Config, run_dir: Path, init: Path | None, resume: bool, dinf
         path = D.broadcast_object(str(found[1]) if found else None)
         if path is not None:
             ck = found[0] if main else load_checkpoint(path, map_location=device)
-            rule.load_state_dict(ck["learner"])
+            rule.load_state_dict(learner_parameters(ck["learner"]))
             with torch.no_grad():
                 for k, v in ck["params"].items():
                     (theta0 if k in theta0 else static)[k].copy_(v)
@@ -187,7 +197,7 @@ def _metatrain(cfg: Config, run_dir: Path, init: Path | None, resume: bool, dinf
     def save(best: bool = False) -> None:
         ck = {"kind": "meta", "config": to_dict(cfg),
               "params": {**{k: v.detach() for k, v in static.items()}, **{k: v.detach() for k, v in theta0.items()}},
-              "learner": rule.state_dict(), "optimizer": opt.state_dict(), "step": step, "epoch": epoch,
+              "learner": with_consolidation(rule.state_dict(), rule.consolidation), "optimizer": opt.state_dict(), "step": step, "epoch": epoch,
               "chunk": chunk_idx, "minutes": minutes(), "tokens": tokens, "best_valid_ppl": best_valid,
               "rng": rng_state(), "faults": guard.state_dict(), "reader": gathered_reader(),
               "world_size": dinfo.world_size, "base_checkpoint": str(init) if init else None,
@@ -247,7 +257,9 @@ def _metatrain(cfg: Config, run_dir: Path, init: Path | None, resume: bool, dinf
             n_global = D.all_reduce_sum(meta_step.tokens)  # every rank divides by the global count: exact global mean
             loss = meta_step.nll / max(n_global, 1)
             if fisher is not None:
-                loss = loss + m.ewc_lambda * meta_step.penalty / (m.unroll * D.all_reduce_sum(layout.n_streams))
+                # standard EWC: (lambda / 2) sum_i F_i (theta_i - theta0_i)^2 on top of the per-token mean loss,
+                # averaged over the streams and the K fast-weight states of the unroll
+                loss = loss + 0.5 * m.ewc_lambda * meta_step.penalty / (m.unroll * D.all_reduce_sum(layout.n_streams))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             D.all_reduce_grads(trained)
