@@ -1081,17 +1081,17 @@ def experiment_command(name: str, scale: str, data_dir: str | None, overrides: l
 
 
 def only_modes(exp: Experiment, modes: list[str] | None) -> Experiment:
-    """The experiment restricted to `modes` (and static, the reference) for one run, e.g. to get the most
-    telling columns first on a slow machine; the record lists the modes left out."""
+    """The experiment restricted to `modes` (and static, the reference) for one run, tuned and evaluated
+    in the order given, e.g. to get the most telling columns first on a slow machine; the record lists
+    the modes left out."""
     if not modes:
         return exp
     unknown = sorted(set(modes) - set(exp.modes))
     if unknown:
         raise ConfigError(f"--modes {','.join(unknown)}: not modes of experiment {exp.name!r} "
                           f"({', '.join(exp.modes)})")
-    keep = set(modes) | {"static"}
-    return dataclasses.replace(exp, modes=tuple(m for m in exp.modes if m in keep),
-                               tune=tuple(m for m in exp.tune if m in keep))
+    order = ["static", *(m for m in modes if m != "static")]  # tuned and evaluated in the order given
+    return dataclasses.replace(exp, modes=tuple(order), tune=tuple(m for m in order if m in exp.tune))
 
 
 def run_experiments(name: str | None, scale: str = "cpu", overrides: list[str] = (), data_dir: str | None = None,
