@@ -197,3 +197,25 @@ def set_rng_state(d: dict) -> None:
         states = d["cuda"][: torch.cuda.device_count()]  # tolerate resuming on fewer GPUs
         for i, s in enumerate(states):
             torch.cuda.set_rng_state(s.cpu(), i)
+
+
+def check_run_dir(run_dir, kind: str, command: str, resume: bool, overwrite: bool) -> None:
+    """Before a run starts writing into `run_dir`: never into another kind of run (a meta-training run
+    must not replace a static run's checkpoints), and not over an earlier run of the same kind unless
+    asked (--resume continues it, --overwrite starts it over). One-line CheckpointError otherwise."""
+    candidates = resume_candidates(Path(run_dir) / "checkpoints")
+    if not candidates:
+        return
+    found = None
+    for path in candidates:
+        try:
+            found = load_checkpoint(path).get("kind")
+            break
+        except CheckpointError:
+            continue  # corrupted: --resume falls back past it, as it always did
+    if found is not None and found != kind:
+        raise CheckpointError(f"{run_dir} holds a {found} run's checkpoints; `dynlm {command}` writes a {kind} run "
+                              f"and would replace them: choose another --out")
+    if not resume and not overwrite:
+        raise CheckpointError(f"{run_dir} already holds checkpoints of a {kind} run: pass --resume to continue it, "
+                              f"--overwrite to start it over, or choose another --out")

@@ -52,8 +52,10 @@ def _explicit_rule_keys(args, extra: list[str]) -> set[str]:
 
 
 def cmd_train(args, extra):
+    from .checkpoint import check_run_dir
     from .train.static import train_static
     cfg = _config(args, extra)
+    check_run_dir(Path(cfg.log.out_dir), "static", "train", args.resume, args.overwrite)
     result = train_static(cfg, Path(cfg.log.out_dir), resume=args.resume)
     if result["is_main"]:
         print(f"best valid ppl {result['best_valid_ppl']:.2f} after {result['steps']} steps "
@@ -63,8 +65,15 @@ def cmd_train(args, extra):
 
 def cmd_metatrain(args, extra):
     from .train.meta import metatrain
+    from .checkpoint import check_run_dir
+    from .run_eval import run_dir_of
     base = load_checkpoint(args.init)["config"] if args.init else None
+    if args.init and not args.out:  # its own directory beside the static run, never the static run's own
+        init_dir = run_dir_of(Path(args.init))
+        args.out = str(init_dir.parent / f"{init_dir.name}_meta")
+        print(f"metatrain: writing to {args.out} (--out to choose)")
     cfg = _config(args, extra, base=base)
+    check_run_dir(Path(cfg.log.out_dir), "meta", "metatrain", args.resume, args.overwrite)
     result = metatrain(cfg, Path(cfg.log.out_dir), init=Path(args.init) if args.init else None, resume=args.resume)
     valid = (f"; validation ppl static {result['meta/valid_ppl_static']:.2f} -> learned "
              f"{result['meta/valid_ppl_learned']:.2f}" if "meta/valid_ppl_learned" in result else "")
@@ -155,12 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train the static LSTM LM (the 1-level baseline)")
     _common(p)
     p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="start over in a run directory that holds checkpoints")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("metatrain", help="meta-train the learned rule that rewrites the LSTM weights while reading")
     _common(p, protocol=True)
-    p.add_argument("--init", help="static checkpoint to start from (its config is the base); omit to start from scratch")
+    p.add_argument("--init", help="static checkpoint to start from (its config is the base); omit to start from "
+                                  "scratch. Without --out the run goes to STATIC_RUN_meta beside the static run")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="start over in a run directory that holds checkpoints")
     p.set_defaults(func=cmd_metatrain)
 
     p = sub.add_parser("evaluate", help="per-article, per-token evaluation of a checkpoint")

@@ -81,7 +81,7 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     modes: list[str] = field(default_factory=lambda: ["static"])
-    segment_length: int = 35
+    segment_length: int = 20  # tokens per online update: meta.chunk's default, so every method reads alike
     batch_size: int = 8
     boundary: str = "reset"
     max_articles: int = 0  # `evaluate`: score only the first N articles of the split (0 = all); cheaper runs
@@ -150,7 +150,7 @@ class MetaConfig:
     steps: int = 300
     max_minutes: float = 0.0
     lr: float = 3e-3  # outer Adam on the learner
-    theta0_lr: float = 1e-4  # outer Adam on theta0 (0 = keep theta0 fixed)
+    theta0_lr: float = 0.0  # outer Adam on theta0 (0: theta0 stays the static model's, so `static` stays comparable)
     clip: float = 1.0
     second_order: bool = False  # create_graph through the inner gradients
     checkpoint: bool = False  # gradient checkpointing of chunk steps: memory flat in the unroll length

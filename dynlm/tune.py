@@ -275,6 +275,10 @@ def tune_checkpoint(ck: dict, ckpt_path: Path, cfg: Config, modes: list[str], sp
     print(f"  ->  {path}")
     if any(v for ext in extended.values() for v in ext.values()):
         print(f"grids extended at the edge: {json.dumps(extended)}")
+    worse = [m for m in best_modes if min(r["ppl"] for r in rows if r["mode"] == m) >= static_ppl]
+    if worse:
+        print(f"warning: no value tried for {', '.join(worse)} beats the static model on the tuning text "
+              f"(static ppl {static_ppl:.3f}); widen the grid towards smaller rates")
     edge = {m: a for m, a in on_edge.items() if a}
     if edge:
         print(f"warning: still on the edge of the grid after {cfg.tune.max_extensions} extension(s): "

@@ -7,6 +7,8 @@ import sys
 import time
 
 import numpy as np
+import shutil
+
 import pytest
 import torch
 
@@ -205,3 +207,23 @@ def test_meta_articles_split_the_training_articles_between_the_stages():
     assert training_share(arts, 0, "meta") == arts
     with pytest.raises(DataError, match="meta_articles"):
         training_share(arts, 10, "static")
+
+
+def test_metatrain_never_writes_into_the_static_run(base, cache_dir, tmp_path, capsys):
+    """Without --out the meta run goes beside the static run (STATIC_meta); pointed at the static run
+    itself, or at an earlier meta run without --resume/--overwrite, it refuses before touching anything."""
+    static_dir = tmp_path / "static"
+    shutil.copytree(base.parent.parent, static_dir)
+    before = (static_dir / "checkpoints" / "best.pt").read_bytes()
+    args = ["metatrain", "--init", str(static_dir / "checkpoints" / "best.pt"), f"--data.cache_dir={cache_dir}",
+            *[f"--{o}" for o in META], "--meta.steps=1"]
+    assert main(args) == 0
+    assert (tmp_path / "static_meta" / "checkpoints" / "last.pt").is_file()
+    assert (static_dir / "checkpoints" / "best.pt").read_bytes() == before
+    capsys.readouterr()
+    assert main([*args, "--out", str(static_dir)]) == 2
+    assert "holds a static run's checkpoints" in capsys.readouterr().err
+    assert main(args) == 2  # the meta run exists: continue it or start it over, explicitly
+    assert "pass --resume to continue it, --overwrite to start it over" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0
+    assert (static_dir / "checkpoints" / "best.pt").read_bytes() == before

@@ -35,7 +35,8 @@ def test_protocol_presets_set_what_they_name():
     assert (krause.eval.segment_length, krause.eval.batch_size, krause.eval.boundary) == (5, 1, "continuous")
     assert protocol_of(krause.eval) == "krause"
     assert protocol_of(load_config([protocol_preset("article")]).eval) == "article"
-    assert protocol_of(load_config([]).eval).startswith("custom (8 streams, segment 35")
+    assert protocol_of(load_config([]).eval) == "article"  # the defaults read every method alike, by article
+    assert protocol_of(load_config([], ["eval.segment_length=35"]).eval).startswith("custom (8 streams, segment 35")
     with pytest.raises(ConfigError, match="unknown protocol"):
         protocol_preset("nope")
 

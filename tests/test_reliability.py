@@ -244,8 +244,13 @@ def test_incompatible_checkpoint_is_a_clear_error_and_is_kept(tmp_path, cache_di
     assert train(run2, overrides) == 0
     assert train(run2, overrides, "--resume", "--train.max_steps=25", "--train.lr=1e-3") == 0
     assert load_checkpoint(run2 / "checkpoints" / "last.pt")["step"] == 25
-    with pytest.warns(UserWarning, match="holds checkpoints of an earlier run.*pass --resume"):
-        assert train(run2, overrides) == 0  # forgetting --resume is loud, not silent
+    before = (run2 / "checkpoints" / "last.pt").read_bytes()
+    capsys.readouterr()
+    assert train(run2, overrides) == 2  # forgetting --resume is an error, before anything is touched
+    assert "already holds checkpoints of a static run: pass --resume" in error_line(capsys)
+    assert (run2 / "checkpoints" / "last.pt").read_bytes() == before
+    with pytest.warns(UserWarning, match="holds checkpoints of an earlier run"):
+        assert train(run2, overrides, "--overwrite") == 0  # asked for: starts over
 
 
 def test_resume_refuses_a_changed_corpus(tmp_path, cache_dir, capsys):
