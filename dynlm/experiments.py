@@ -51,7 +51,8 @@ from .train.meta import check_meta_config, metatrain
 from .train.setup import prepare_data
 from .train.static import check_train_config, train_static
 from .modes import parse_mode, protocol_of
-from .tune import article_range, mode_grids, read_tuned, tune_checkpoint, tune_dir, tuned_in_effect, tuned_path
+from .tune import (TUNABLE, article_range, mode_grids, read_tuned, tune_checkpoint, tune_dir, tune_order,
+                   tuned_in_effect, tuned_path)
 from .experiments_registry import (experiment_file, WORD_VOCAB, BASES, CORPUS, EXPERIMENTS, EXPERIMENTS_DIR, META_FILES, README_FILE, REPO,
                                    RESULTS_FILE, SCALES, SPLIT, Arm, Experiment, at_scale, get_experiment)
 
@@ -90,7 +91,9 @@ def experiment_configs(exp: Experiment, scale: str, overrides: list[str] = ()) -
     check_train_config(static)
     arms = []
     for arm in exp.arms:
-        names = [*BASES[exp.base][scale], *(META_FILES[scale] if exp.learner else ()),
+        # the registry's experiment decides its files: a run of some of its modes reads as the whole would
+        full = EXPERIMENTS.get(exp.name, exp)
+        names = [*BASES[exp.base][scale], *(META_FILES[scale] if full.learner else ()),
                  *at_scale(exp.files, scale), *at_scale(arm.files, scale)]
         files = [experiment_file(n) for n in names]
         cfg = load_config(files, overrides)
@@ -101,7 +104,7 @@ def experiment_configs(exp: Experiment, scale: str, overrides: list[str] = ()) -
                               f"{[f.name for f in static_files]}")
         check_modes(list(exp.modes), cfg)
         check_report_config(cfg.report)
-        if exp.learner:
+        if full.learner:
             check_meta_config(cfg)
         if cfg.eval.max_articles < 0:
             raise ConfigError(f"eval.max_articles must be >= 0 (0 = all), got {cfg.eval.max_articles}")
@@ -377,6 +380,11 @@ def take_modes(src: Path, out: Path, modes: list[str], report_cfg) -> None:
     out.mkdir(parents=True)
     summary = _read_json(src / "summary.json")
     summary["modes"] = {m: v for m, v in summary["modes"].items() if m in modes}
+    for key in ("settings",):  # what the modes taken ran with, and nothing of the others
+        if key in summary:
+            summary[key] = {m: v for m, v in summary[key].items() if m in modes}
+    if isinstance(summary.get("tuned"), dict) and "modes" in summary["tuned"]:
+        summary["tuned"]["modes"] = {m: v for m, v in summary["tuned"]["modes"].items() if m in modes}
     _write_json(out / "summary.json", summary)
     for name in ("per_article.csv", "drift.csv"):  # one row per mode and article / position
         if (src / name).is_file():
@@ -498,13 +506,14 @@ class ExperimentRunner:
         if not tuned.is_file():
             return ac.cfg, None
         modes = {m: v for m, v in read_tuned(tuned).items() if m in self.exp.modes}
-        return ac.cfg, {"path": tuned, "target": target, "modes": modes}
+        return ac.cfg, {"path": tuned, "target": target, "modes": modes,
+                        "explicit": sorted(self.explicit_rule_keys(ac) & TUNABLE)}
 
     def eval_key(self, ckpt: Path, cfg: Config, tuned: dict | None = None) -> dict:
         settings = _select(to_dict(cfg), ("eval", "rule", "data", "model", "train.bf16"),
                            ("eval.modes", "rule.compile", "data.cache_dir"))
         return {"weights": weights_fingerprint(ckpt), "split": SPLIT, "modes": list(self.exp.modes), **settings,
-                "tuned": (tuned or {}).get("modes", {})}
+                "tuned": (tuned or {}).get("modes", {}), "explicit": (tuned or {}).get("explicit", [])}
 
     def eval_dir(self, ac: ArmConfig) -> Path:
         return self.exp_dir / ac.arm.name / f"eval_{SPLIT}"
@@ -604,15 +613,26 @@ class ExperimentRunner:
             tuned = tuned_path(target, ac.cfg)
             have = read_tuned(tuned) if tuned.is_file() else {}
 
+            def parents_now(m) -> dict:  # what a MODE+cache starts from: MODE's and the cache's tuned values
+                spec = parse_mode(m)
+                start = dict(have.get(spec.base.name, {}))
+                if "cache_theta" in have.get("cache", {}):
+                    start["cache_theta"] = have["cache"]["cache_theta"]
+                return start
+
             def done(m):  # same key, and tuned.yaml still holds what that tuning found (not edited since)
                 r = records.get(m, {})
                 key = self.tune_key(target, ac.cfg, m, learner if parse_mode(m).rule == "learned" else None)
-                return r.get("key") == key and bool(r.get("values")) and have.get(m) == r["values"]
+                ok = r.get("key") == key and bool(r.get("values")) and have.get(m) == r["values"]
+                if ok and parse_mode(m).cache and parse_mode(m).adapts:  # started from its parents' values now?
+                    ok = all(r["values"].get(k) == v for k, v in parents_now(m).items())
+                return ok
             missing = {m for m in modes if m in self.redo_modes or not done(m)}
             # a MODE+cache starts from MODE's and the cache's tuned values: retuned with them
             missing |= {m for m in modes if parse_mode(m).cache and parse_mode(m).adapts
                         and ({parse_mode(m).base.name, "cache"} & missing)}
-            return target, [m for m in modes if m in missing]
+            # parents before their combinations, whatever order the modes were given in
+            return target, [m.name for m in tune_order([parse_mode(m) for m in modes if m in missing])]
 
         def check():
             target, missing = todo()
@@ -674,15 +694,15 @@ class ExperimentRunner:
             """Another experiment's evaluation of the same base weights, settings and articles with more
             modes (the baselines inside 2-level): without `learned`, the learner is not read, so this
             evaluation is those modes' results, taken out of it rather than computed again."""
-            if "evaluate" in self.redo or "learned" in self.exp.modes or not ckpt.is_file():
+            if "evaluate" in self.redo or self.exp.learner or not ckpt.is_file():
                 return None
-            settings = _without(self.eval_key(ckpt, cfg, tuned), "weights", "modes", "tuned")
+            settings = _without(self.eval_key(ckpt, cfg, tuned), "weights", "modes", "tuned", "explicit")
             mine = self.eval_key(ckpt, cfg, tuned)["tuned"]
             base = weights_fingerprint(ckpt, with_learner=False)
 
             def same_tuned(other: dict) -> bool:  # the modes taken ran with the same tuned values
                 return all(other.get("tuned", {}).get(m) == mine.get(m) for m in self.exp.modes)
-            return next((d for d, other in others() if _without(other, "weights", "modes", "tuned") == settings
+            return next((d for d, other in others() if _without(other, "weights", "modes", "tuned", "explicit") == settings
                          and same_tuned(other)
                          and set(self.exp.modes) <= set(other.get("modes", ()))
                          and str(other.get("weights", "")).split("+")[0] == base), None)
@@ -717,6 +737,8 @@ class ExperimentRunner:
                 (out.parent / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
                 return
             previous = _read_json(out / "summary.json") if "evaluate" in self.redo else None
+            if "evaluate" in self.redo:  # scores kept from an interrupted earlier run are not a reproduction
+                shutil.rmtree(out / ".modes", ignore_errors=True)
             previous_threads = (_read_json(out / RECORD) or {}).get("threads") if previous else None
             ck = load_checkpoint(ckpt)
             scored = (0, cfg.eval.max_articles or 10**9)
@@ -822,7 +844,7 @@ PUBLISHED_WT2 = (  # published WikiText-2 perplexities of much larger models: re
     ("AWD-LSTM + neural cache (Merity et al., 2018)", "", "52.0"),
     ("meta-learned dynamical LM, ACL 2018 version (Wolf, Chaumond & Delangue)", "", "46.9"),
 )
-MODE_ORDER = ("static", "sgd", "dyneval", "cache", "learned")  # the overview's columns
+MODE_ORDER = ("static", "sgd", "dyneval", "dyneval@lstm", "adam", "cache", "learned")  # the overview's columns
 COMPARISON_ORDER = ("static", "sgd", "dyneval", "dyneval@lstm", "adam", "learned", "cache", "sgd+cache",
                     "dyneval+cache", "adam+cache", "learned+cache")
 PROTOCOL_EXPERIMENTS = (("article", "2-level"), ("krause", "krause"))  # the comparison table's columns
@@ -901,10 +923,28 @@ def comparison_table(records: list[dict], scale: str) -> str:
     return "\n".join(lines)
 
 
+def _record(records: list[dict], scale: str, experiment: str) -> dict | None:
+    return next((r for r in records if r["scale"] == scale and r["experiment"] == experiment), None)
+
+
+def tuning_clause(s: dict) -> str:
+    """How the compared modes got their values, as the summary records it (never assumed)."""
+    settings = s.get("settings") or {}
+    untuned = sorted(m for m, vals in settings.items() if any(v["source"] != "tuned" for v in vals.values()))
+    overlap = (s.get("tuned") or {}).get("overlap")
+    if overlap:
+        return f"baselines tuned on {overlap}, which is scored too"
+    tuned = [m for m, vals in settings.items() if vals and m not in untuned]
+    text = "every tuned mode tuned on other validation articles" if tuned else "no mode tuned"
+    return text + (f"; not tuned (config or explicit values): {', '.join(untuned)}" if untuned else "")
+
+
 def goal_note(records: list[dict], scale: str) -> str:
     """The headline: where the learned rule stands against tuned dynamic evaluation under the same
-    protocol, on the same weights (dyneval@lstm) and on all weights (Krause's dyneval), and which mode
-    is best of all; said as the numbers say it, also when the learned rule loses."""
+    protocol, on the same weights (dyneval@lstm), on all weights (Krause's dyneval) and against the
+    hand-set member of its own family (adam), and which mode is best of those run; said as the numbers
+    say it, also when the learned rule loses."""
+    r = _record(records, scale, "2-level")
     s = _summary(records, scale, "2-level")
     if not s or not {"learned", "static"} <= set(s["modes"]):
         return ""
@@ -914,21 +954,23 @@ def goal_note(records: list[dict], scale: str) -> str:
         gap = _ppl(m[b]) - _ppl(m[a])
         return (f"{a} {_ppl(m[a]):.2f} vs {b} {_ppl(m[b]):.2f}: {a} "
                 + (f"wins by {gap:.2f} ppl" if gap > 0 else f"loses by {-gap:.2f} ppl"))
-    parts = [cmp("learned", d) for d in ("dyneval@lstm", "dyneval") if d in m]
-    if "learned+cache" in m:
-        parts.append(cmp("learned+cache", "dyneval+cache") if "dyneval+cache" in m else "")
+    parts = [cmp("learned", d) for d in ("dyneval@lstm", "dyneval", "adam") if d in m]
+    if "learned+cache" in m and "dyneval+cache" in m:
+        parts.append(cmp("learned+cache", "dyneval+cache"))
     best = min(m, key=lambda k: _ppl(m[k]))
-    text = (f"**Headline** (`{s.get('protocol', '?')}` protocol, one base model, the first {m['static']['n_articles']} validation "
-            f"articles, every baseline tuned on other validation articles): " + "; ".join(p for p in parts if p)
-            + f". Best of all modes: {best} ({_ppl(m[best]):.2f}, {100 * m[best]['rel_change_vs_static']:+.1f}% "
-            f"vs static).")
+    left_out = (r or {}).get("modes_left_out") or []
+    text = (f"**Headline** (`{s.get('protocol', '?')}` protocol, one base model, the first "
+            f"{m['static']['n_articles']} validation articles; {tuning_clause(s)}): " + "; ".join(parts)
+            + f". Best of the modes run: {best} ({_ppl(m[best]):.2f}, {100 * m[best]['rel_change_vs_static']:+.1f}% "
+            f"vs static)" + (f"; not run here: {', '.join(left_out)}" if left_out else "") + ".")
     k = _summary(records, scale, "krause")
     if k and "dyneval" in k["modes"] and "static" in k["modes"]:
         km = k["modes"]
         kbest = min(km, key=lambda x: _ppl(km[x]))
-        text += (f" Under `{k.get('protocol', '?')}` protocol (`dynlm experiment krause`), dyneval (all weights) reaches {_ppl(km['dyneval']):.2f} "
-                 f"({100 * km['dyneval']['rel_change_vs_static']:+.1f}% vs static), best there: {kbest} "
-                 f"({_ppl(km[kbest]):.2f}); no learned rule has been meta-trained for that protocol yet.")
+        text += (f" Under `{k.get('protocol', '?')}` protocol (`dynlm experiment krause`; {tuning_clause(k)}), dyneval "
+                 f"(all weights) reaches {_ppl(km['dyneval']):.2f} ({100 * km['dyneval']['rel_change_vs_static']:+.1f}% "
+                 f"vs static), best of the modes run there: {kbest} ({_ppl(km[kbest]):.2f}); no learned rule has been "
+                 f"meta-trained for that protocol yet.")
     return text
 
 

@@ -68,7 +68,8 @@ class Experiment:
 
     @property
     def learner(self) -> bool:
-        return "learned" in self.modes
+        """Whether a mode reads a meta-trained learner (`learned`, `learned@all`, `learned+cache`, ...)."""
+        return any(m.split("+")[0].split("@")[0] == "learned" for m in self.modes)
 
 
 EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [

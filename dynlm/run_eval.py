@@ -143,6 +143,19 @@ def score_mode(mode: Mode | str, lm, params, articles, cfg: Config, device, eos_
                  cache=CacheSettings.from_config(cfg.rule) if mode.cache else None)
 
 
+_CODE_DIGEST: list[str] = []
+
+
+def code_digest() -> str:
+    """sha1 of dynlm's own source files: scores kept by one version of the code are not another's."""
+    if not _CODE_DIGEST:
+        h = hashlib.sha1()
+        for path in sorted(Path(__file__).resolve().parent.rglob("*.py")):
+            h.update(path.read_bytes())
+        _CODE_DIGEST.append(h.hexdigest())
+    return _CODE_DIGEST[0]
+
+
 class ModeScoresCache:
     """Per-mode scores of an evaluation in progress (OUT/.modes/MODE.npz), keyed by everything they
     depend on (the weights, the learner, the split, and the mode's whole eval/rule/data/model config),
@@ -159,7 +172,8 @@ class ModeScoresCache:
         settings = {k: v for k, v in to_dict(cfg).items() if k in ("eval", "rule", "data", "model")}
         settings["rule"] = {k: v for k, v in settings["rule"].items() if k != "compile"}
         settings["data"] = {k: v for k, v in settings["data"].items() if k != "cache_dir"}
-        return json.dumps({"mode": mode.name, "weights": self.weights, "split": self.split, **settings},
+        return json.dumps({"mode": mode.name, "weights": self.weights, "split": self.split, **settings,
+                           "bf16": cfg.train.bf16, "device": cfg.train.device, "code": code_digest()},
                           sort_keys=True, default=str)
 
     def load(self, mode: Mode, cfg: Config) -> TokenScores | None:

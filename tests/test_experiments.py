@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+import yaml
 
 from conftest import TINY
 from dynlm.cli import main
@@ -292,3 +293,18 @@ def test_an_experiment_can_run_a_subset_of_its_modes_and_says_so(tmp_path, capsy
     assert "dynlm experiment krause --scale cpu --modes dyneval,cache" in results
     assert main(["experiment", "krause", "--modes", "learned", *args]) == 2
     assert "not modes of experiment 'krause'" in capsys.readouterr().err
+
+
+def test_a_subset_of_modes_keeps_the_experiments_protocol_and_tunes_parents_first(tmp_path):
+    from dynlm.experiments import only_modes
+    for modes in (["dyneval"], ["learned+cache"], ["cache", "adam"]):
+        cfg = experiment_configs(only_modes(EXPERIMENTS["2-level"], modes), "cpu").arms[0].cfg
+        assert protocol_of(cfg.eval) == "article", modes  # not the static base's own segment length
+    assert only_modes(EXPERIMENTS["2-level"], ["learned+cache"]).learner  # it reads the meta-trained learner
+    # a combination given before its parents is still tuned after them, from their tuned values
+    args = tiny_experiment_args(tmp_path)
+    assert main(["experiment", "krause", "--modes", "dyneval+cache,dyneval,cache", *args]) == 0
+    tuned = next((tmp_path / "runs").rglob("tuned_*continuous.yaml"))
+    modes = yaml.safe_load(tuned.read_text())["modes"]
+    assert {k: modes["dyneval+cache"][k] for k in ("dyneval_lr", "dyneval_lamb")} == modes["dyneval"]
+    assert modes["dyneval+cache"]["cache_theta"] == modes["cache"]["cache_theta"]
