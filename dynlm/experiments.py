@@ -933,7 +933,7 @@ def tuning_clause(s: dict) -> str:
     untuned = sorted(m for m, vals in settings.items() if any(v["source"] != "tuned" for v in vals.values()))
     overlap = (s.get("tuned") or {}).get("overlap")
     if overlap:
-        return f"baselines tuned on {overlap}, which is scored too"
+        return f"tuned on text that is scored too: {overlap}"
     tuned = [m for m, vals in settings.items() if vals and m not in untuned]
     text = "every tuned mode tuned on other validation articles" if tuned else "no mode tuned"
     return text + (f"; not tuned (config or explicit values): {', '.join(untuned)}" if untuned else "")

@@ -216,7 +216,7 @@ def print_settings(settings: dict[str, dict[str, tuple]], cfg: Config, tuned: di
               file=sys.stderr)
     overlap = (tuned or {}).get("overlap")
     if overlap:
-        print(f"warning: the tuned values were tuned on {overlap}, which this evaluation scores too", file=sys.stderr)
+        print(f"warning: tuned on text this evaluation scores: {overlap}", file=sys.stderr)
 
 
 def evaluate_checkpoint(ck: dict, ckpt_path: Path, cfg: Config, split: str, modes: list[str], out: Path,

@@ -24,6 +24,7 @@ import dataclasses
 import itertools
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -36,7 +37,8 @@ from .device import resolve_device
 from .evaluate import perplexity
 from .model import LSTMLM
 from .modes import CACHE_KEYS, RULE_KEYS, Mode, parse_modes, protocol_of, protocol_slug, tuned_keys
-from .run_eval import check_modes, grad_rms_for, run_dir_of, score_mode, tokenizer_for
+from .checkpoint import load_checkpoint
+from .run_eval import check_modes, grad_rms_for, params_fingerprint, run_dir_of, score_mode, tokenizer_for
 from .tracking import Tracker
 
 PER_UPDATE = {"sgd_lr", "dyneval_lr", "dyneval_lamb", "adam_lr", "adam_decay"}  # per update: scaled with the segment length
@@ -122,9 +124,10 @@ def read_tuned(path: Path) -> dict[str, dict[str, float]]:
             if k in LEGACY_MODE:
                 modes.setdefault(LEGACY_MODE[k], {})[k] = v
         return modes
-    if (not isinstance(data, dict) or set(data) != {"modes"} or not isinstance(data["modes"], dict)
-            or not all(isinstance(v, dict) for v in data["modes"].values())):
-        raise ConfigError(f"{path}: expected a mapping with one 'modes' section of tuned values per mode")
+    if (not isinstance(data, dict) or "modes" not in data or set(data) - {"modes", "provenance"}
+            or not isinstance(data["modes"], dict) or not all(isinstance(v, dict) for v in data["modes"].values())):
+        raise ConfigError(f"{path}: expected a mapping with a 'modes' section of tuned values per mode "
+                          f"(and 'provenance': where each was tuned)")
     for name, values in data["modes"].items():
         mode = parse_modes([name])[0]
         bad = sorted(set(values) - set(tuned_keys(mode)))
@@ -134,11 +137,22 @@ def read_tuned(path: Path) -> dict[str, dict[str, float]]:
     return data["modes"]
 
 
-def write_tuned(path: Path, best: dict[str, dict[str, float]], header: str) -> dict[str, dict[str, float]]:
-    """Merge `best` ({mode: {key: value}}) into RUN/tuned.yaml, keeping modes tuned earlier."""
+def read_provenance(path: Path) -> dict[str, dict]:
+    """Where each mode of RUN/tuned_PROTOCOL.yaml was tuned: {mode: {split, skip_articles, n_articles,
+    n_tokens, weights}} (empty for files written before it was recorded)."""
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    prov = data.get("provenance") if isinstance(data, dict) else None
+    return prov if isinstance(prov, dict) else {}
+
+
+def write_tuned(path: Path, best: dict[str, dict[str, float]], header: str,
+                provenance: dict | None = None) -> dict[str, dict[str, float]]:
+    """Merge `best` ({mode: {key: value}}) into RUN/tuned_PROTOCOL.yaml, keeping modes tuned earlier, each
+    with where it was tuned (`provenance`: the text and the weights)."""
     modes = (read_tuned(path) if path.exists() else {}) | best
+    prov = (read_provenance(path) if path.exists() else {}) | {m: provenance for m in best if provenance}
     tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(header + yaml.safe_dump({"modes": modes}, sort_keys=True))
+    tmp.write_text(header + yaml.safe_dump({"modes": modes, "provenance": prov}, sort_keys=True))
     tmp.replace(path)  # never a half-written file
     return modes
 
@@ -261,7 +275,9 @@ def tune_checkpoint(ck: dict, ckpt_path: Path, cfg: Config, modes: list[str], sp
               f"# ({n_tokens:,} tokens), protocol {protocol_of(cfg.eval)}: eval.segment_length="
               f"{cfg.eval.segment_length}, eval.batch_size={cfg.eval.batch_size}, eval.boundary={cfg.eval.boundary};\n"
               f"# `dynlm evaluate` loads this file, --rule.x=y still wins.\n")
-    saved = write_tuned(path, best_modes, header)
+    provenance = {"split": split, "skip_articles": skip, "n_articles": len(articles), "n_tokens": n_tokens,
+                  "weights": params_fingerprint(params)[:16]}
+    saved = write_tuned(path, best_modes, header, provenance)
     result = {"checkpoint": str(ckpt_path), "split": split, "n_articles": len(articles), "skip_articles": skip,
               "n_tokens": n_tokens, "protocol": protocol_of(cfg.eval),
               "segment_length": cfg.eval.segment_length, "batch_size": cfg.eval.batch_size,
@@ -346,15 +362,31 @@ def tuned_in_effect(path: Path, ckpt_path: Path, cfg: Config, explicit=(), score
     if warning:
         print(warning)
     info = {"file": str(path), "modes": modes, "explicit": sorted(explicit)}
-    tune_info = tune_dir(ckpt_path, cfg) / "tune.json"
-    if tune_info.exists():
-        t = json.loads(tune_info.read_text())
-        info["tuned_on"] = {k: t.get(k) for k in ("split", "skip_articles", "n_articles", "n_tokens", "protocol")}
-        if scored is not None and t.get("split") == "valid":
+    prov = read_provenance(path)
+    if not prov:  # written before provenance was recorded per mode: the last tuning's text stands for all
+        tune_info = tune_dir(ckpt_path, cfg) / "tune.json"
+        if tune_info.exists():
+            t = json.loads(tune_info.read_text())
+            prov = {m: t for m in modes}
+    on = {m: {k: p.get(k) for k in ("split", "skip_articles", "n_articles", "n_tokens")} for m, p in prov.items()}
+    if on:
+        info["tuned_on"] = next(iter(on.values())) if len({json.dumps(v, sort_keys=True) for v in on.values()}) == 1 \
+            else on
+    overlaps = []
+    for m, p in prov.items():
+        if scored is not None and p.get("split") == "valid":
             first, count = scored
-            lo, hi = t.get("skip_articles", 0), t.get("skip_articles", 0) + t.get("n_articles", 0)
+            lo, hi = p.get("skip_articles", 0), p.get("skip_articles", 0) + p.get("n_articles", 0)
             if lo < first + count and first < hi:
-                info["overlap"] = f"{article_range(lo, hi - lo)} of the validation split"
+                overlaps.append(f"{m} ({article_range(lo, hi - lo)} of the validation split)")
+    if overlaps:
+        info["overlap"] = ", ".join(overlaps)
+    weights = params_fingerprint(load_checkpoint(ckpt_path)["params"])[:16] if prov else None
+    other = sorted(m for m, p in prov.items() if p.get("weights") and p["weights"] != weights)
+    if other:
+        print(f"warning: {', '.join(other)} were tuned on other weights than {ckpt_path}'s; re-run `dynlm tune`",
+              file=sys.stderr)
+        info["tuned_on_other_weights"] = other
     return info
 
 

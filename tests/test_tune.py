@@ -110,7 +110,8 @@ def test_evaluate_uses_tuned_values_and_explicit_overrides_win(tuned_run, tmp_pa
     out = capsys.readouterr()
     assert "using tuned values" in out.out
     # tuned on the articles this evaluation scores: said, not hidden
-    assert "tuned on the first 3 articles of the validation split" in out.err and summary["tuned"]["overlap"]
+    assert "tuned on text this evaluation scores: cache (the first 3 articles of the validation split)" in out.err
+    assert summary["tuned"]["overlap"].count("the first 3 articles") == 3  # sgd, dyneval, cache
     assert summary["tuned"]["modes"] == tuned
     assert all(v["source"] == "tuned" for m in ("sgd", "dyneval", "cache") for v in summary["settings"][m].values())
     modes = summary["modes"]
@@ -210,3 +211,20 @@ def test_the_cache_on_top_of_a_mode_starts_from_both_tuned_values(tuned_run, tmp
     rows = [r for r in info["grid"] if r["mode"] == "dyneval+cache"]
     assert all(r["values"].startswith("cache_lambda=") for r in rows) and len(rows) >= 2
     assert min(r["ppl"] for r in rows) < min(r["ppl"] for r in info["grid"] if r["mode"] == "static")
+
+
+def test_each_modes_tuning_text_is_remembered_and_overlap_said_per_mode(tuned_run, tmp_path, capsys):
+    """Tuned one mode at a time on different text: the file keeps where each mode was tuned, and an
+    evaluation of the first article warns about exactly the modes tuned on it."""
+    run, _, cache = tuned_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    ckpt = copy / "checkpoints" / "best.pt"
+    assert main(["tune", "--checkpoint", str(ckpt), "--modes", "cache", "--skip-articles", "1", "--articles", "2",
+                 f"--data.cache_dir={cache}", *[f"--{o}" for o in SMALL_GRIDS]]) == 0
+    prov = yaml.safe_load((copy / TUNED).read_text())["provenance"]
+    assert (prov["cache"]["skip_articles"], prov["cache"]["n_articles"]) == (1, 2)
+    assert (prov["sgd"]["skip_articles"], prov["sgd"]["n_articles"]) == (0, 3)  # kept from the first tuning
+    capsys.readouterr()
+    summary = evaluate(ckpt, tmp_path / "e", cache, "--eval.max_articles=1")
+    assert "cache" not in summary["tuned"]["overlap"] and "sgd" in summary["tuned"]["overlap"]
