@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, field
+from typing import Literal
 from pathlib import Path
 
 import yaml
@@ -27,13 +28,13 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"  # synthetic | wikitext | hub | text | jsonl
+    source: Literal["synthetic", "wikitext", "hub", "text", "jsonl"] = "synthetic"
     path: str = ""  # directory of wikitext files / text files / jsonl files
     hub_name: str = "Salesforce/wikitext"
     hub_config: str = "wikitext-2-v1"  # any wikitext config on the hub
-    tokenizer: str = "word"  # word | sentencepiece
+    tokenizer: Literal["word", "sentencepiece"] = "word"
     sp_vocab_size: int = 8000
-    sp_model_type: str = "unigram"  # unigram | bpe
+    sp_model_type: Literal["unigram", "bpe"] = "unigram"
     cache_dir: str = ".cache/dynlm"  # tokenized-corpus cache
     max_articles: int = 0  # 0 = all articles of a split
     meta_articles: int = 0  # the last N training articles: meta-training only, not static training (0 = shared)
@@ -46,7 +47,7 @@ class ModelConfig:
     emb_size: int = 128
     hidden_size: int = 256
     n_layers: int = 1
-    softmax: str = "full"  # full (tied) | adaptive
+    softmax: Literal["full", "adaptive"] = "full"  # full (tied) | adaptive
     adaptive_cutoffs: list[int] = field(default_factory=lambda: [2000, 10000])
     dropout_emb: float = 0.0  # whole-word embedding dropout
     dropout_input: float = 0.1  # locked dropout on the LSTM input
@@ -67,13 +68,13 @@ class TrainConfig:
     weight_decay: float = 1e-6
     clip: float = 0.25
     warmup_steps: int = 100
-    schedule: str = "cosine"  # cosine | constant
+    schedule: Literal["cosine", "constant"] = "cosine"
     eval_every: int = 500  # steps between validations (and at every epoch end)
     log_every: int = 50
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     bf16: bool = False  # autocast to bfloat16
-    boundary: str = "reset"  # reset | continuous (hidden state at article starts)
+    boundary: Literal["reset", "continuous"] = "reset"  # hidden state at article starts
     max_bad_steps: int = 5  # consecutive non-finite loss/grad steps (each skipped) before the run stops
     keep_checkpoints: int = 3  # rotating ckpt_step*.pt files kept (plus last.pt and best.pt)
 
@@ -83,7 +84,7 @@ class EvalConfig:
     modes: list[str] = field(default_factory=lambda: ["static"])
     segment_length: int = 20  # tokens per online update: meta.chunk's default, so every method reads alike
     batch_size: int = 8
-    boundary: str = "reset"
+    boundary: Literal["reset", "continuous"] = "reset"
     max_articles: int = 0  # `evaluate`: score only the first N articles of the split (0 = all); cheaper runs
 
 
@@ -93,13 +94,13 @@ class RuleConfig:
     `lstm` (the LSTM weights of `layers`, empty = all layers) or `all` (also embeddings and
     softmax, one copy per stream). A mode name may override it: `dyneval@lstm`, `sgd@all`."""
     layers: list[int] = field(default_factory=list)
-    weights: str = "lstm"  # lstm | all: what sgd, adam and learned rewrite
+    weights: Literal["lstm", "all"] = "lstm"  # what sgd, adam and learned rewrite
     sgd_lr: float = 0.05
-    dyneval_weights: str = "all"  # lstm | all: Krause et al. rewrite every weight
+    dyneval_weights: Literal["lstm", "all"] = "all"  # Krause et al. rewrite every weight
     dyneval_lr: float = 2e-5  # Krause: dW = lamb*decrate*(theta0-theta) - lr*g/(MS+eps)
     dyneval_lamb: float = 2e-3
     dyneval_eps: float = 2e-5
-    grad_stat: str = "batch"  # batch: Krause's gradstat, RMS of the gradient of a batch's mean loss | stream: of each stream's own
+    grad_stat: Literal["batch", "stream"] = "batch"  # batch: Krause's gradstat, RMS of the gradient of a batch's mean loss | stream: of each stream's own
     grad_stat_streams: int = 100  # batch: parallel training streams per gradient (Krause's 100)
     grad_rms_chunks: int = 0  # training segments averaged for MS (0 = the whole training split, as Krause)
     adam_lr: float = 1e-3  # `adam` control: theta' = theta0 + (1 - decay)(theta - theta0) - lr * clip(g / sqrt(v))
@@ -107,9 +108,9 @@ class RuleConfig:
     cache_window: int = 2000  # neural cache (Grave et al. 2016): positions remembered (their WikiText-2 size)
     cache_theta: float = 0.3  # flatness of the cache attention exp(theta * h_t . h_i)
     cache_lambda: float = 0.1  # p = (1 - lambda) p_LM + lambda p_cache
-    learner: str = "ff"  # ff (feed-forward) | rnn (recurrent: previous gates, or a GRU cell if hidden > 0)
+    learner: Literal["ff", "rnn"] = "ff"  # ff (feed-forward) | rnn (recurrent: previous gates, or a GRU cell if hidden > 0)
     learner_hidden: int = 0  # 0: gates linear in the features (cheap); > 0: MLP / GRU of this width
-    learner_features: str = "magnitude"  # magnitude (|g|, |step|, |drift|, agreement, F) | signed (v1); a loaded state keeps its own
+    learner_features: Literal["magnitude", "signed"] = "magnitude"  # magnitude (|g|, |step|, |drift|, agreement, F) | signed (v1); a loaded state keeps its own
     forget_bias: float = 5.0  # sigmoid(5) = 0.993 per update: keep the weights at first
     init_lr: float = 3e-4  # step size of an untrained learner (per tensor, learned)
     max_step: float = 3.0  # bound on the normalised step, so updates cannot run away
@@ -154,7 +155,7 @@ class MetaConfig:
     clip: float = 1.0
     second_order: bool = False  # create_graph through the inner gradients
     checkpoint: bool = False  # gradient checkpointing of chunk steps: memory flat in the unroll length
-    boundary: str = "reset"  # reset | continuous
+    boundary: Literal["reset", "continuous"] = "reset"
     ewc_lambda: float = 0.0  # continuous: weight of the Fisher-weighted distance of fast weights from theta0
     ewc_chunks: int = 50  # training chunks for the diagonal Fisher estimate
     static_lr: float = 0.0  # outer Adam on embeddings/softmax too (0 = they stay the long-term memory as is)
@@ -174,7 +175,7 @@ class ReportConfig:
     stream_articles: int = 4  # consecutive articles (A, B, C, ...) in the stream figure
     smooth_window: int = 50  # trailing moving-average window (tokens) of the stream figure
     html_articles: int = 3  # articles shown in heatmap.html
-    html_select: str = "first"  # first (stream order) | gain (largest mean improvement, per mode)
+    html_select: Literal["first", "gain"] = "first"  # first (stream order) | gain (largest mean improvement, per mode)
     html_max_tokens: int = 2000  # tokens shown per article in heatmap.html (keeps the page small)
     color_scale: float = 1.0  # |NLL difference| in nats that gets the full blue / red
 
@@ -185,7 +186,7 @@ class BenchConfig:
     measurement; chunks of eval.segment_length tokens (and short_segment), meta-steps of meta.unroll
     chunks, rules as rule.* says."""
     device: str = "auto"  # auto | cpu | cuda | cuda:N (also `dynlm bench --device`)
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
     threads: int = 0  # torch CPU threads, 0 = torch's default (1 avoids oversubscribing a busy machine)
     vocab_size: int = 10000
     batch_size: int = 8  # streams, the same for every throughput measurement
@@ -204,7 +205,7 @@ class BenchConfig:
 @dataclass
 class LogConfig:
     out_dir: str = "runs/default"
-    wandb_mode: str = "auto"  # auto | online | offline | disabled (auto: offline without API key)
+    wandb_mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto | online | offline | disabled (auto: offline without API key)
     project: str = "dynlm"
     entity: str = ""
     name: str = ""
@@ -232,6 +233,11 @@ def to_dict(cfg) -> dict:
 
 def _check_value(value, hint, where: str):
     origin = typing.get_origin(hint)
+    if origin is Literal:  # a choice: declared once, on the field
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}")
+        return value
     if origin is list:
         (item_hint,) = typing.get_args(hint)
         if not isinstance(value, list):
@@ -302,6 +308,36 @@ def _looks_numeric(raw: str) -> bool:
         return False
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error, not a silent override."""
+
+
+def _construct_mapping(loader, node, deep=False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice", key_node.start_mark)
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _load_yaml(path: Path) -> dict:
+    """A config file as a dict; malformed YAML or a repeated key is a ConfigError naming the file and line."""
+    try:
+        return yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML ({problem})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read it ({e})") from None
+
+
 def migrate(data: dict) -> dict:
     """A config dict written by an earlier version, in today's keys (checkpoints keep their config)."""
     rule = data.get("rule")
@@ -319,7 +355,7 @@ def load_config(paths: list[str | Path] = (), overrides: list[str] = (), base: d
         p = Path(p)
         if not p.exists():
             raise ConfigError(f"config file not found: {p}")
-        loaded = yaml.safe_load(p.read_text()) or {}
+        loaded = _load_yaml(p)
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: expected a mapping at top level")
         try:

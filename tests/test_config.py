@@ -50,3 +50,22 @@ def test_experiment_files_load():
     from pathlib import Path
     for f in sorted(Path(__file__).resolve().parents[1].joinpath("experiments").glob("*.yaml")):
         load_config([f])
+
+
+def test_malformed_yaml_repeated_keys_and_bad_choices_are_one_line_errors(tmp_path, capsys):
+    """Issue 16's kinds: a tab in a YAML file, a key given twice, a value outside a field's choices."""
+    from dynlm.cli import main
+    tab = tmp_path / "tab.yaml"
+    tab.write_text("train:\n\tlr: 0.01\n")
+    with pytest.raises(ConfigError, match=r"tab\.yaml, line 2: not valid YAML"):
+        load_config([tab])
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("train:\n  lr: 0.01\n  lr: 0.02\n")
+    with pytest.raises(ConfigError, match=r"twice\.yaml, line 3: .*'lr' given twice"):
+        load_config([twice])
+    for bad in ("eval.boundary=Reset", "eval.boundary=contiguous", "rule.dyneval_weights=emb", "model.softmax=big"):
+        with pytest.raises(ConfigError, match="is not one of"):
+            load_config([], [bad])
+    assert main(["train", "--config", str(tab), "--out", str(tmp_path / "run")]) == 2
+    err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("dynlm train: error:")]
+    assert len(err) == 1 and "line 2" in err[0] and not (tmp_path / "run").exists()

@@ -341,8 +341,8 @@ def test_tokenizer_kind_of_run_dir_must_match_config(tmp_path, capsys):
 @pytest.mark.parametrize("args,message", [
     (["--train.lrr=1"], "unknown config key"),
     (["--train.batch_size=abc"], "train.batch_size: expected int"),
-    (["--train.boundary=sometimes"], "train.boundary='sometimes'; valid: reset, continuous"),
-    (["--model.softmax=sparse"], "model.softmax='sparse'; valid: full, adaptive"),
+    (["--train.boundary=sometimes"], "train.boundary: 'sometimes' is not one of reset, continuous"),
+    (["--model.softmax=sparse"], "model.softmax: 'sparse' is not one of full, adaptive"),
     (["--train.batch_size=0"], "train.batch_size must be >= 1"),
     (["--train.max_bad_steps=0"], "train.max_bad_steps must be >= 1"),
     (["--train.device=gpu"], "train.device='gpu'; valid"),
