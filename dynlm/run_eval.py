@@ -6,6 +6,7 @@ import hashlib
 import json
 import shutil
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ import torch
 
 from .cache import CacheSettings
 from .checkpoint import CheckpointError, save_checkpoint
-from .config import Config, ConfigError, to_dict
+from .config import Config, ConfigError, save_config, to_dict
 from .data.sources import load_articles
 from .data.tokenizers import load_tokenizer
 from .device import resolve_device
@@ -257,7 +258,9 @@ def evaluate_checkpoint(ck: dict, ckpt_path: Path, cfg: Config, split: str, mode
             done.save(m, mode_cfg, results[name])
         else:
             print(f"{name}: scores of an earlier, interrupted run of this evaluation reused ({done.path(m)})")
-    extra = {"protocol": protocol_of(cfg.eval),
+    extra = {"protocol": protocol_of(cfg.eval), "checkpoint": str(ckpt_path), "split": split,
+             "eval": to_dict(cfg.eval), "code": code_digest()[:12],
+             "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
              "settings": {name: {k: {"value": v, "source": src} for k, (v, src) in values.items()}
                           for name, (_, _, values) in runs.items()}}
     if tuned:
@@ -265,6 +268,7 @@ def evaluate_checkpoint(ck: dict, ckpt_path: Path, cfg: Config, split: str, mode
     summary = write_results(out, results, articles, per_word=cfg.data.tokenizer != "word", tokenizer=tok,
                             extra=extra)
     done.clear()  # the results are written: a later evaluation into OUT scores afresh
+    save_config(cfg, out / "config.yaml")  # what made these numbers, beside them
     print(f"\n{split}: {len(articles)} articles, {sum(len(a) for a in articles):,} tokens, protocol "
           f"{protocol_of(cfg.eval)}  ->  {out}")
     print(markdown_table(summary))

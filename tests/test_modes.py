@@ -74,6 +74,9 @@ def test_evaluate_under_the_krause_protocol_says_so(trained, tmp_path, capsys):
     s = evaluate(run, cache, tmp_path / "k", "static,adam,dyneval@lstm", "--protocol", "krause",
                  "--rule.adam_lr=1e-3", "--rule.dyneval_lr=1e-4")
     assert s["protocol"] == "krause" and s["settings"]["adam"]["adam_lr"] == {"value": 1e-3, "source": "config"}
+    # what made the numbers is recorded beside them
+    assert s["checkpoint"].endswith("best.pt") and s["split"] == "valid" and s["eval"]["segment_length"] == 5
+    assert (tmp_path / "k" / "config.yaml").is_file() and s["finished"].endswith("UTC")
     out = capsys.readouterr()
     assert "protocol: krause" in out.out and "not tuned" in out.err  # untuned baselines are said to be
     assert all(math.isfinite(m["ppl"]) for m in s["modes"].values())
