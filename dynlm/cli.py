@@ -177,8 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="per-article, per-token evaluation of a checkpoint")
     _common(p, protocol=True)
-    p.add_argument("--checkpoint", required=True, help="a checkpoint written by `dynlm train`")
-    p.add_argument("--split", default="valid", help="train | valid | test")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint written by `dynlm train`, or by `dynlm metatrain` "
+                                                       "(needed for learned and learned+cache); tuned values are "
+                                                       "read from its run directory")
+    p.add_argument("--split", default="valid", help="train | valid | test (default: valid); eval.max_articles=N scores "
+                                                   "only the first N articles")
     p.add_argument("--modes", default="static",
                    help="comma-separated modes RULE[@lstm|@all][+cache], RULE one of static, sgd, dyneval, adam, "
                         "learned; or cache (the static model with the neural cache). E.g. "
@@ -188,8 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "which is otherwise used when present")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("tune", help="grid-search the sgd / dyneval / cache hyperparameters on validation articles; "
-                                    "saves the best per mode to RUN/tuned_PROTOCOL.yaml for `evaluate`")
+    p = sub.add_parser("tune", help="grid-search each mode's values (sgd, dyneval, dyneval@lstm, adam, cache, "
+                                    "MODE+cache) on validation text the evaluation does not score; saves the best "
+                                    "per mode to RUN/tuned_PROTOCOL.yaml for `evaluate`")
     _common(p, protocol=True)
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by `dynlm train` or `dynlm metatrain`")
     p.add_argument("--modes", help="comma-separated modes to tune, e.g. sgd,dyneval,dyneval@lstm,adam,cache,"
@@ -204,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="split to tune on (default: tune.split, i.e. valid)")
     p.set_defaults(func=cmd_tune)
 
-    p = sub.add_parser("demo", help="the main job on the bundled synthetic corpus: train, then evaluate per article")
+    p = sub.add_parser("demo", help="the main job on the bundled synthetic corpus: train, meta-train, tune every "
+                                    "baseline, evaluate every mode per article")
     _common(p, out_default="runs/demo")
     p.set_defaults(func=cmd_demo)
 

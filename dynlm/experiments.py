@@ -842,7 +842,8 @@ PUBLISHED_WT2 = (  # published WikiText-2 perplexities of much larger models: re
     ("AWD-LSTM, static (Merity et al., 2018)", "68.6", "65.8"),
     ("AWD-LSTM + dynamic evaluation (Krause et al., 2018)", "46.4", "44.3"),
     ("AWD-LSTM + neural cache (Merity et al., 2018)", "", "52.0"),
-    ("meta-learned dynamical LM, ACL 2018 version (Wolf, Chaumond & Delangue)", "", "46.9"),
+    ("meta-learned dynamical LM, ACL 2018 version (Wolf, Chaumond & Delangue, \"Continuous Learning in a "
+     "Hierarchical Multiscale Neural Network\")", "", "46.9"),
 )
 MODE_ORDER = ("static", "sgd", "dyneval", "dyneval@lstm", "adam", "cache", "learned")  # the overview's columns
 COMPARISON_ORDER = ("static", "sgd", "dyneval", "dyneval@lstm", "adam", "learned", "cache", "sgd+cache",
