@@ -50,7 +50,7 @@ from .report import render_report
 from .train.meta import check_meta_config, metatrain
 from .train.setup import prepare_data
 from .train.static import check_train_config, train_static
-from .modes import parse_mode, protocol_of
+from .modes import PROTOCOLS, parse_mode, protocol_of
 from .tune import (TUNABLE, article_range, mode_grids, read_tuned, tune_checkpoint, tune_dir, tune_order,
                    tuned_in_effect, tuned_path)
 from .experiments_registry import (experiment_file, WORD_VOCAB, BASES, CORPUS, EXPERIMENTS, EXPERIMENTS_DIR, META_FILES, README_FILE, REPO,
@@ -928,8 +928,8 @@ def _record(records: list[dict], scale: str, experiment: str) -> dict | None:
     return next((r for r in records if r["scale"] == scale and r["experiment"] == experiment), None)
 
 
-def tuning_clause(s: dict) -> str:
-    """How the compared modes got their values, as the summary records it (never assumed)."""
+def tuning_clause(s: dict, r: dict | None = None) -> str:
+    """How the compared modes got their values, as the summary (and the tuning records) say it."""
     settings = s.get("settings") or {}
     untuned = sorted(m for m, vals in settings.items() if any(v["source"] != "tuned" for v in vals.values()))
     overlap = (s.get("tuned") or {}).get("overlap")
@@ -937,6 +937,9 @@ def tuning_clause(s: dict) -> str:
         return f"tuned on text that is scored too: {overlap}"
     tuned = [m for m, vals in settings.items() if vals and m not in untuned]
     text = "every tuned mode tuned on other validation articles" if tuned else "no mode tuned"
+    edge = tune_edges(r, s.get("protocol")) if r else {}
+    if edge:
+        text += f"; still on a grid edge: {', '.join(f'{m} ({a})' for m, axes in edge.items() for a in axes)}"
     return text + (f"; not tuned (config or explicit values): {', '.join(untuned)}" if untuned else "")
 
 
@@ -961,14 +964,15 @@ def goal_note(records: list[dict], scale: str) -> str:
     best = min(m, key=lambda k: _ppl(m[k]))
     left_out = (r or {}).get("modes_left_out") or []
     text = (f"**Headline** (`{s.get('protocol', '?')}` protocol, one base model, the first "
-            f"{m['static']['n_articles']} validation articles; {tuning_clause(s)}): " + "; ".join(parts)
+            f"{m['static']['n_articles']} validation articles; {tuning_clause(s, r)}): " + "; ".join(parts)
             + f". Best of the modes run: {best} ({_ppl(m[best]):.2f}, {100 * m[best]['rel_change_vs_static']:+.1f}% "
             f"vs static)" + (f"; not run here: {', '.join(left_out)}" if left_out else "") + ".")
     k = _summary(records, scale, "krause")
     if k and "dyneval" in k["modes"] and "static" in k["modes"]:
         km = k["modes"]
         kbest = min(km, key=lambda x: _ppl(km[x]))
-        text += (f" Under `{k.get('protocol', '?')}` protocol (`dynlm experiment krause`; {tuning_clause(k)}), dyneval "
+        text += (f" Under `{k.get('protocol', '?')}` protocol (`dynlm experiment krause`; "
+                 f"{tuning_clause(k, _record(records, scale, 'krause'))}), dyneval "
                  f"(all weights) reaches {_ppl(km['dyneval']):.2f} ({100 * km['dyneval']['rel_change_vs_static']:+.1f}% "
                  f"vs static), best of the modes run there: {kbest} ({_ppl(km[kbest]):.2f}); no learned rule has been "
                  f"meta-trained for that protocol yet.")
@@ -998,12 +1002,25 @@ def tuning_articles(r: dict) -> str:
     return f"tuned on {where}, " + ("apart from the evaluated ones" if apart else "which are among the evaluated ones")
 
 
+def tune_edges(r: dict, protocol: str | None) -> dict[str, list[str]]:
+    """{mode: axes} of the experiment's tuned modes whose best value sat on the edge of its grid after the
+    allowed extensions, from the tuning records beside the base model."""
+    if not r.get("tuned") or not protocol or protocol not in PROTOCOLS:
+        return {}
+    records = _read_json(Path(r["base"]["run_dir"]) / f"tune_{protocol}" / RECORD) or {}
+    return {m: records[m]["on_edge"] for m in r["tuned"] if records.get(m, {}).get("on_edge")}
+
+
 def experiment_section(r: dict) -> str:
     lines = [f"### {r['experiment']}: {r['title']}", ""]
     tune = f" Tuned modes ({', '.join(r['tuned'])}) {tuning_articles(r)}." if r.get("tuned") else ""
     protocol = next(((arm.get("summary") or {}).get("protocol") for arm in r["arms"]
                      if (arm.get("summary") or {}).get("protocol")), None)
     tune = (f" Protocol: `{protocol}`." if protocol else "") + tune
+    edge = tune_edges(r, protocol)
+    if edge:
+        tune += (" Still on the edge of its grid after the allowed extensions (so possibly under-tuned): "
+                 + "; ".join(f"{m} ({', '.join(a)})" for m, a in edge.items()) + ".")
     lines.append(f"Data: {r.get('data', '?')}. Base model: `{r['base']['run_dir']}` ({', '.join(r['base']['files'])}"
                  + (f"; {r['base']['progress']}" if r['base'].get("progress") else "") + ")." + tune)
     lines += ["", "| arm | mode | valid ppl | per-word ppl | vs static (per token) | first 100 tokens of each article "
