@@ -37,20 +37,6 @@ def _config(args, extra: list[str], base: dict | None = None, presets: list[Path
     return load_config([*presets, *args.config], overrides, base=base)
 
 
-def _explicit_rule_keys(args, extra: list[str]) -> set[str]:
-    """rule.* keys the user set on the command line or in --config files: they win over RUN/tuned.yaml."""
-    import yaml
-    keys = {e.lstrip("-").split("=", 1)[0].removeprefix("rule.") for e in extra if e.lstrip("-").startswith("rule.")}
-    for path in args.config:
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError):
-            continue  # load_config reports it
-        if isinstance(data, dict) and isinstance(data.get("rule"), dict):
-            keys |= set(data["rule"])
-    return keys
-
-
 def cmd_train(args, extra):
     from .checkpoint import check_run_dir
     from .train.static import train_static
@@ -91,7 +77,7 @@ def _signal_exit_code(result: dict) -> int:
 
 def cmd_evaluate(args, extra):
     from .run_eval import evaluate_checkpoint
-    from .tune import tuned_in_effect, tuned_path
+    from .tune import explicit_rule_keys, tuned_in_effect, tuned_path
     ck = load_checkpoint(args.checkpoint)
     cfg = _config(args, extra, base=ck["config"])
     tuned = tuned_path(Path(args.checkpoint), cfg)  # this protocol's tuned values
@@ -100,7 +86,7 @@ def cmd_evaluate(args, extra):
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     # each mode runs with its own values from RUN/tuned.yaml; --rule.x=y and --config files still win
     scored = (0, cfg.eval.max_articles or 10**9) if args.split == "valid" else None
-    info = (tuned_in_effect(tuned, Path(args.checkpoint), cfg, _explicit_rule_keys(args, extra), scored)
+    info = (tuned_in_effect(tuned, Path(args.checkpoint), cfg, explicit_rule_keys(args.config, extra), scored)
             if use_tuned else None)
     evaluate_checkpoint(ck, Path(args.checkpoint), cfg, args.split, modes, out, tuned=info)
 

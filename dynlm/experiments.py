@@ -51,7 +51,7 @@ from .train.meta import check_meta_config, metatrain
 from .train.setup import prepare_data
 from .train.static import check_train_config, train_static
 from .modes import PROTOCOLS, parse_mode, protocol_of
-from .tune import (TUNABLE, article_range, mode_grids, read_tuned, tune_checkpoint, tune_dir, tune_order,
+from .tune import (TUNABLE, article_range, explicit_rule_keys, mode_grids, read_tuned, tune_checkpoint, tune_dir, tune_order,
                    tuned_in_effect, tuned_path)
 from .experiments_registry import (experiment_file, WORD_VOCAB, BASES, CORPUS, EXPERIMENTS, EXPERIMENTS_DIR, META_FILES, README_FILE, REPO,
                                    RESULTS_FILE, SCALES, SPLIT, Arm, Experiment, at_scale, get_experiment)
@@ -489,12 +489,7 @@ class ExperimentRunner:
 
     def explicit_rule_keys(self, ac: ArmConfig) -> set[str]:
         """rule.* keys the arm's files or the command line set: they win over RUN/tuned.yaml."""
-        keys = {o.lstrip("-").split("=", 1)[0].removeprefix("rule.") for o in self.overrides
-                if o.lstrip("-").startswith("rule.")}
-        for f in ac.files:
-            data = yaml.safe_load(Path(f).read_text()) or {}
-            keys |= set(data.get("rule") or {})
-        return keys
+        return explicit_rule_keys(ac.files, self.overrides)
 
     def eval_cfg(self, ac: ArmConfig) -> tuple[Config, dict | None]:
         """The arm's config, and the tuned values per mode that `evaluate` puts over it (as `dynlm evaluate`

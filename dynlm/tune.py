@@ -349,6 +349,21 @@ def grid_table(rows: list[dict], static_ppl: float) -> str:
     return "\n".join(lines)
 
 
+def explicit_rule_keys(files, overrides) -> set[str]:
+    """rule.* keys set in config files or `section.key=value` overrides: they win over RUN/tuned_PROTOCOL.yaml.
+    An unreadable file adds nothing here (load_config reports it)."""
+    keys = {o.lstrip("-").split("=", 1)[0].removeprefix("rule.") for o in overrides
+            if o.lstrip("-").startswith("rule.")}
+    for path in files:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            continue
+        if isinstance(data, dict) and isinstance(data.get("rule"), dict):
+            keys |= set(data["rule"])
+    return keys
+
+
 def tuned_in_effect(path: Path, ckpt_path: Path, cfg: Config, explicit=(), scored: tuple[int, int] | None = None) -> dict:
     """What `evaluate` needs of RUN/tuned.yaml (see run_eval.mode_settings): the tuned values per mode,
     the rule keys set explicitly (--rule.x=y, --config files), which win over the file, and where the

@@ -8,27 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from dynlm.config import ModelConfig
 from dynlm.data.articles import Article
 from dynlm.data.streams import Chunk, StreamLayout
-from dynlm.model import LSTMLM
 from dynlm.rules import LearnedRule
 from dynlm.unroll import TruncatedUnroll, replay_held
 
-VOCAB = 13
+from test_rules import _float64, tiny_lm  # noqa: F401 (the autouse float64 fixture and the tiny model)
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(torch.float32)
-
-
-def tiny_lm():
-    lm = LSTMLM(ModelConfig(emb_size=6, hidden_size=5, n_layers=1, dropout_input=0, dropout_hidden=0,
-                            dropout_output=0), VOCAB)
-    return lm, lm.init_params(seed=1, dtype=torch.float64)
+VOCAB = 13  # tiny_lm's vocabulary
 
 
 def learner(names, kind="ff", hidden=0, seed=0):
