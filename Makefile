@@ -5,7 +5,7 @@ TORCH_SPEC ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test bench gpu-check clean
 
 venv: $(VENV)/.installed
 
@@ -31,3 +31,9 @@ bench: venv
 clean:
 	rm -rf runs build dist *.egg-info .pytest_cache wandb
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
+
+# One timed run (10 min on one GPU) that proves the CUDA, bf16 and multi-GPU paths; report in runs/gpu_check/.
+# `make gpu-check DEVICE=cpu ARGS=--tiny` is the CPU smoke that the test suite runs.
+DEVICE ?= cuda
+gpu-check: venv
+	$(BIN)/dynlm gpu-check --device $(DEVICE) $(ARGS)

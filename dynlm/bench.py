@@ -46,6 +46,7 @@ from .cache import CacheSettings, cache_step, empty_cache
 from .modes import parse_mode
 from .rules import adapted_names, compute_grad_rms, make_rule
 from .rules.learned import COMPILE_MIN
+from .roofline import META_TRAFFIC, fraction_of_bound, online_bytes_per_token, triad_bandwidth
 from .train.meta import meta_parameters
 from .unroll import Reader, TruncatedUnroll, chunk_step, start_reader
 
@@ -191,6 +192,7 @@ class Workload:
     after_warmup: Callable[["Workload"], None] | None = None  # e.g. check that torch.compile took
     first_call_s: float | None = None
     seconds: list[float] = dataclasses.field(default_factory=list)
+    bytes_per_token: float | None = None  # the least memory traffic the workload needs (roofline.py)
 
     def tokens_per_s(self) -> float:
         return self.tokens_per_call / statistics.median(self.seconds)
@@ -294,9 +296,11 @@ class Bench:
 
         compiled = spec.rule == "learned" and self.compiles(rule_cfg)
         kind = "static eval" if mode == "static" else "online eval"
+        least = online_bytes_per_token(self.params, names, reader[0].rule_state, self.streams, length,
+                                       shared_state=1 if spec.rule == "dyneval" else 0)
         return Workload(name, label, kind, length, pool.tokens_per_chunk * self.cfg.bench.steps,
                         _repeat(call, self.cfg.bench.steps), compiled=compiled,
-                        after_warmup=_check_compiled(rule) if compiled else None)
+                        after_warmup=_check_compiled(rule) if compiled else None, bytes_per_token=least)
 
     # -- meta-training: the meta-step of train/meta.py ----------------------------------------------
     def metatrain(self, name: str, label: str, second_order: bool, checkpoint: bool, rule_cfg=None) -> Workload:
@@ -319,8 +323,11 @@ class Bench:
         compiled = self.compiles(rule_cfg)
         notes = f"K={m.unroll}, learned {rule_cfg.learner}, hidden {rule_cfg.learner_hidden}" + (
             ", compiled" if compiled else "") + (", fp32: dynlm metatrain does not autocast" if self.bf16 else "")
+        least = META_TRAFFIC[second_order] * online_bytes_per_token(self.params, self.names, reader[0].rule_state,
+                                                                    self.streams, length)
         return Workload(name, label, "metatrain", length, pool.tokens_per_chunk * m.unroll, call, notes=notes,
-                        compiled=compiled, after_warmup=_check_compiled(rule) if compiled else None)
+                        compiled=compiled, after_warmup=_check_compiled(rule) if compiled else None,
+                        bytes_per_token=least)
 
 
 def meta_step(lm: LSTMLM, params: Params, theta0: Params, rule, reader: Reader, pool: ChunkPool, unroll: int,
@@ -546,10 +553,12 @@ def _probe_child(spec: dict, conn) -> None:
         conn.close()
 
 
-def _probe_context():
+def _probe_context(device: torch.device):
     """Processes forked from a server that has imported torch once (a bare interpreter per probe would
-    spend seconds importing it again each time) but never run anything; spawn where fork is missing."""
-    if "forkserver" in multiprocessing.get_all_start_methods():
+    spend seconds importing it again each time) but never run anything; spawn where fork is missing,
+    and on CUDA (a forked child cannot use CUDA once the bench's own process has: the GPU check found
+    every probe failing so)."""
+    if device.type != "cuda" and "forkserver" in multiprocessing.get_all_start_methods():
         ctx = multiprocessing.get_context("forkserver")
         ctx.set_forkserver_preload(["dynlm.bench", "torch._dynamo"])  # torch.optim imports torch._dynamo
         return ctx
@@ -583,7 +592,7 @@ def run_memory_probes(cfg: Config, device: torch.device) -> list[dict]:
     (each measures its own RSS), on CUDA one at a time (they share the GPU)."""
     jobs = [(k, ckpt) for ckpt in (False, True) for k in cfg.bench.memory_unrolls]
     workers = 1 if device.type == "cuda" else cfg.bench.memory_parallel
-    rows, ctx = {}, _probe_context()
+    rows, ctx = {}, _probe_context(device)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         futures = {pool.submit(_probe, ctx, cfg, device, k, ckpt): (k, ckpt) for k, ckpt in jobs}
         for future in as_completed(futures):
@@ -602,6 +611,14 @@ def _vs_static_eval(w: Workload, workloads: list[Workload]) -> float | None:
     ref = "static_eval" + ("_1stream" if "_1stream" in w.name else "") + f"_seg{w.segment_length}"
     base = next((x for x in workloads if x.name == ref), None)
     return w.tokens_per_s() / base.tokens_per_s() if base else None
+
+
+def _bound(w: Workload, bandwidth: float) -> dict:
+    """The workload's memory-traffic bound (roofline.py) and the fraction of it reached."""
+    if w.bytes_per_token is None:
+        return {"bytes_per_token": None, "bound_tokens_per_s": None, "of_bound": None}
+    bound, frac = fraction_of_bound(w.tokens_per_s(), w.bytes_per_token, bandwidth)
+    return {"bytes_per_token": w.bytes_per_token, "bound_tokens_per_s": bound, "of_bound": frac}
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -631,14 +648,19 @@ def markdown(result: dict) -> str:
     lines = [f"Throughput: {s['streams']} streams, segment length {s['segment_length']} "
              f"(and {s['short_segment']}), meta-steps of K={s['unroll']} chunks; {s['device']}, "
              f"{s['precision']}, {s['threads']} thread(s); median of {s['repeats']} repeats.", "",
-             "| measurement | segment | tokens/s | × static training | × static evaluation | compile (s) |",
-             "|---|---:|---:|---:|---:|---:|"]
+             f"Bound: the least memory traffic per token (dynlm/roofline.py) at the measured STREAM-triad bandwidth "
+             f"of {s['bandwidth_gb_s']:,.1f} GB/s.", "",
+             "| measurement | segment | tokens/s | × static training | × static evaluation | KB/token (least) "
+             "| bound tokens/s | % of bound | compile (s) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in result["throughput"].values():
         note = f" ({row['notes']})" if row["notes"] else ""
         compile_s = f"{row['compile_s']:.1f}" if row["compile_s"] is not None else ""
         vs_eval = f"{row['vs_static_eval']:.3f}" if row.get("vs_static_eval") is not None else ""
+        bound = (f"{row['bytes_per_token'] / 1e3:,.1f} | {row['bound_tokens_per_s']:,.0f} | {100 * row['of_bound']:.1f}"
+                 if row.get("bytes_per_token") else " | | ")
         lines.append(f"| {row['label']}{note} | {row['segment_length']} | {row['tokens_per_s']:,.0f} | "
-                     f"{row['vs_static_train']:.3f} | {vs_eval} | {compile_s} |")
+                     f"{row['vs_static_train']:.3f} | {vs_eval} | {bound} | {compile_s} |")
     mem = result["memory"]
     lines += ["", f"Peak memory of one {'second' if mem['second_order'] else 'first'}-order meta-step of K chunks "
               f"above the process's baseline ({mem['streams']} stream(s), {mem['measure']}):", "",
@@ -735,10 +757,12 @@ def run_bench(cfg: Config, out: Path) -> dict:
         phases = {"setup": time.perf_counter() - start}
         time_workloads(workloads, bench, b.repeats, b.warmup)
         phases["throughput"] = time.perf_counter() - start - sum(phases.values())
+        bandwidth = triad_bandwidth(device)
+        print(f"memory bandwidth (STREAM triad): {bandwidth / 1e9:,.1f} GB/s", flush=True)
         static = next(w for w in workloads if w.name == "static_train").tokens_per_s()
         throughput = {w.name: {"label": w.label, "kind": w.kind, "segment_length": w.segment_length,
                                "tokens_per_s": w.tokens_per_s(), "vs_static_train": w.tokens_per_s() / static,
-                               "vs_static_eval": _vs_static_eval(w, workloads),
+                               "vs_static_eval": _vs_static_eval(w, workloads), **_bound(w, bandwidth),
                                "first_call_s": w.first_call_s, "compile_s": w.compile_s(), "compiled": w.compiled,
                                "tokens_per_call": w.tokens_per_call, "seconds": w.seconds, "notes": w.notes}
                       for w in workloads}
@@ -750,7 +774,8 @@ def run_bench(cfg: Config, out: Path) -> dict:
                     "short_segment": b.short_segment, "unroll": cfg.meta.unroll, "device": str(device),
                     "precision": "bf16 autocast" if uses_bf16(cfg, device) else "fp32",
                     "threads": torch.get_num_threads(), "repeats": b.repeats, "warmup": b.warmup,
-                    "vocab_size": b.vocab_size, "parameters": n_params, "data": "random Zipfian tokens"}
+                    "vocab_size": b.vocab_size, "parameters": n_params, "data": "random Zipfian tokens",
+                    "bandwidth_gb_s": bandwidth / 1e9}
     measure = ("torch.cuda.max_memory_allocated" if device.type == "cuda"
                else "peak RSS (VmHWM, reset just before the step) minus the RSS then")
     memory = {"streams": b.memory_batch_size, "unrolls": b.memory_unrolls, "rows": memory_rows,

@@ -143,6 +143,23 @@ def cmd_bench(args, extra):
     run_bench(cfg, Path(args.json_out))
 
 
+def cmd_gpu_check(args, extra):
+    from .gpu_check import SHARES, run_gpu_check
+    if extra:
+        raise ConfigError(f"unrecognised argument(s) {extra}")
+    if not 1 <= args.minutes <= 60:
+        raise ConfigError(f"--minutes must be in [1, 60], got {args.minutes:g}")
+    only = [s.strip() for s in args.only.split(",")] if args.only else None
+    unknown = [s for s in only or () if s not in SHARES]
+    if unknown:
+        raise ConfigError(f"--only {','.join(unknown)}: unknown stage(s); valid: {', '.join(SHARES)}")
+    if args.data_dir and not Path(args.data_dir, "train.txt").is_file():
+        raise ConfigError(f"--data-dir {args.data_dir}: no train.txt there (WikiText-2 as train/valid.txt)")
+    result = run_gpu_check(args.device, Path(args.out), args.minutes, args.tiny,
+                           Path(args.data_dir) if args.data_dir else None, only, Path(args.work) if args.work else None)
+    return 0 if result["ok"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dynlm", description="Dynamical language models: LMs whose weights keep changing while they read.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -241,6 +258,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench, out=None)
     p.epilog = ("Sizes are overridden with --section.key=value, e.g. --bench.batch_size=4 --bench.repeats=5 "
                 "--model.hidden_size=512 --bench.threads=1.")
+
+    p = sub.add_parser("gpu-check", help="prove the CUDA, bf16 and multi-GPU paths in one timed run: GPU tests, bench, "
+                                         "a reduced paper-scale pipeline; writes gpu_check.json and gpu_check.md")
+    p.add_argument("--device", default="cuda", help="cuda (default) | cuda:N | cpu (the CPU smoke, with --tiny)")
+    p.add_argument("--out", default="runs/gpu_check", metavar="DIR", help="report and logs (default: runs/gpu_check)")
+    p.add_argument("--minutes", type=float, default=10.0,
+                   help="time budget of the whole run; each stage gets a fixed share and is stopped at it (default 10)")
+    p.add_argument("--tiny", action="store_true", help="tiny model, synthetic corpus: the CPU smoke that CI runs")
+    p.add_argument("--data-dir", metavar="DIR", help="WikiText-2 as DIR/{train,valid}.txt (default: "
+                                                     "../shared/data/wikitext-2)")
+    p.add_argument("--only", metavar="STAGES", help="run only these stages: tests,bench,pipeline,multi_gpu")
+    p.add_argument("--work", metavar="DIR", help="where the pipeline's runs and checkpoints go (default: OUT/work)")
+    p.set_defaults(func=cmd_gpu_check)
 
     p = sub.add_parser("report", help="plots and an HTML heat-map of per-token loss improvements from `evaluate`'s output")
     p.add_argument("--eval", required=True, metavar="DIR", help="directory written by `dynlm evaluate --out DIR`")

@@ -71,6 +71,13 @@ def test_bench_writes_every_ratio_and_memory_row(tmp_path, capsys):
         tp["dyneval_all_1stream_seg3"]["tokens_per_s"] / tp["static_eval_1stream_seg3"]["tokens_per_s"])
     assert tp["static_train"]["vs_static_eval"] is None and tp["adam_seg3"]["vs_static_eval"] > 0
     assert all(row["tokens_per_s"] > 0 for row in result["throughput"].values())
+    assert result["settings"]["bandwidth_gb_s"] > 0  # the memory-traffic bound of every online and meta row
+    for name, row in tp.items():
+        if row["kind"] in ("online eval", "static eval", "metatrain"):
+            assert row["bytes_per_token"] > 0 and row["of_bound"] == pytest.approx(
+                row["tokens_per_s"] / row["bound_tokens_per_s"]), name
+    assert tp["dyneval_seg3"]["bytes_per_token"] > tp["static_eval_seg3"]["bytes_per_token"]
+    assert tp["static_train"]["of_bound"] is None
     assert result["machine"]["torch"] == torch.__version__ and result["machine"]["device"] == "cpu"
     assert "commit" in result["git"] and "dirty" in result["git"]
     assert result["config"]["bench"]["batch_size"] == 2

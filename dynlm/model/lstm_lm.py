@@ -136,7 +136,9 @@ class LSTMLM:
         flat, tgt = out.reshape(-1, out.shape[-1]), targets.reshape(-1)
         if self.adaptive:
             sub = {k[len("adaptive."):]: v for k, v in params.items() if k.startswith("adaptive.")}
-            logp = functional_call(self._adaptive, sub, (flat, tgt)).output  # (N,)
+            # outside autocast, in float32: under CUDA autocast its index_copy_ meets two dtypes and fails
+            with torch.autocast(flat.device.type, enabled=False):
+                logp = functional_call(self._adaptive, sub, (_upcast(flat), tgt)).output  # (N,)
             return (-logp).view_as(targets)
         logits = self._logits(params, flat)
         return F.cross_entropy(_upcast(logits), tgt, reduction="none").view_as(targets)
