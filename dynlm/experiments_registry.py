@@ -84,9 +84,11 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
                ("static", "learned", *BASELINES[:3], "learned+cache", *BASELINES[3:]),
                tune=(*BASELINES[:3], "learned+cache", *BASELINES[3:]),
                files=SUITE_EVAL),
-    Experiment("krause", "the baselines under Krause et al.'s own protocol (the `krause` protocol: one stream "
-               "through the articles, never reset, segments of 5 tokens), tuned on other validation text",
-               ("static", *BASELINES), tune=BASELINES,
+    Experiment("krause", "the learned rule, meta-trained for it, and every baseline under Krause et al.'s own "
+               "protocol (the `krause` protocol: one stream through the articles, never reset, segments of 5 "
+               "tokens), tuned on other validation text",
+               ("static", "learned", *BASELINES[:3], "learned+cache", *BASELINES[3:]),
+               tune=(*BASELINES[:3], "learned+cache", *BASELINES[3:]),
                files={"cpu": (*SUITE_EVAL["cpu"], "protocol_krause.yaml", "wt2_cpu_krause.yaml"),
                       "paper": ("protocol_krause.yaml",)}),
     Experiment("3-level", "continuous reading across article boundaries, with and without the EWC-style "

@@ -61,7 +61,7 @@ def initial_grid(cfg: Config, axis: str) -> list[float]:
 def extend(grid: list[float], best: float, axis: str) -> float | None:
     """The next geometric step beyond the edge `best` sits on, or None (interior, a fixed single
     value, or a bound in the way)."""
-    if len(grid) < 2 or grid[0] < best < grid[-1]:
+    if len(grid) < 2 or grid[0] < best < grid[-1] or best <= 0:  # 0: the bound of every axis, nothing below
         return None
     new = _round(best * best / grid[1] if best == grid[0] else best * best / grid[-2])
     return new if new < UPPER_BOUND.get(axis, math.inf) else None
@@ -266,7 +266,8 @@ def tune_checkpoint(ck: dict, ckpt_path: Path, cfg: Config, modes: list[str], sp
         best_modes[mode.name] = {**start, **best}
         fixed[mode.name] = start
         extended[mode.name] = {a: [v for v in final[a] if v not in grids[mode.name][a]] for a in final}
-        on_edge[mode.name] = [a for a, v in best.items() if len(final[a]) > 1 and v in (final[a][0], final[a][-1])]
+        on_edge[mode.name] = [a for a, v in best.items()  # 0 is a bound (no decay, no cache), not a grid edge
+                              if len(final[a]) > 1 and v in (final[a][0], final[a][-1]) and v > 0]
         for point, ppl in sorted(values.items()):
             rows.append({"mode": mode.name, "values": ", ".join(f"{a}={v:g}" for a, v in zip(final, point)),
                          "ppl": ppl, "best": point == tuple(best.values())})

@@ -296,3 +296,13 @@ def test_adam_control_is_the_learned_family_with_constant_gates():
         w = theta0["w"] + 0.9 * (w - theta0["w"]) - 0.01 * step
         assert torch.allclose(fast["w"], w, rtol=1e-12, atol=1e-14)
     assert not torch.allclose(fast["w"][0], fast["w"][1])  # each stream its own statistics
+
+
+def test_dyneval_without_decay_is_rms_normalised_sgd():
+    """lamb = 0 (a tuning grid's lower bound): no pull towards theta0, only the step -lr g / (MS + eps)."""
+    theta0 = {"w": torch.tensor([1.0, 2.0, 3.0])}
+    fast = {"w": torch.tensor([[1.5, 2.0, 2.0]])}
+    grads = {"w": torch.tensor([[0.1, -0.2, 0.3]])}
+    ms = {"w": torch.tensor([0.1, 0.2, 0.6])}
+    new, _, _ = DynEvalRule(ms, 0.01, 0.0, 1e-3).update(fast, grads, theta0, {}, torch.zeros(1))
+    torch.testing.assert_close(new["w"], fast["w"] - 0.01 * grads["w"] / (ms["w"] + 1e-3))

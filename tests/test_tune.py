@@ -54,6 +54,14 @@ def test_extension_stops_at_bounds_and_single_values():
     assert extend([0.2, 0.4], 0.4, "cache_lambda") == 0.8
     assert extend([0.5], 0.5, "cache_theta") is None  # a one-value grid is a fixed value
     assert extend([1.0, 2.0, 4.0], 2.0, "sgd_lr") is None
+    assert extend([0.0, 3e-5, 6e-5], 0.0, "dyneval_lamb") is None  # 0 (no decay) is the axis' own bound
+
+
+def test_zero_decay_is_a_bound_not_an_edge():
+    """A grid that reaches lamb = 0 and finds it best is done: nothing lies below to extend to."""
+    f = lambda point: point["lamb"]  # noqa: E731 (best at the smallest lamb)
+    best, values, grids = grid_search({"lamb": [0.0, 1e-4, 2e-4]}, f, max_extensions=3)
+    assert best == {"lamb": 0.0} and grids["lamb"] == [0.0, 1e-4, 2e-4] and len(values) == 3
 
 
 def test_per_update_rates_scale_with_the_segment_length():

@@ -28,7 +28,8 @@ class DynEvalRule(Rule):
         self.ms = ms
         # Krause's normaliser: the mean over tensors of each tensor's mean MS (not over coordinates)
         mean = torch.stack([m.mean() for m in ms.values()]).mean()
-        self.decrate = {k: (m / mean).clamp(max=1 / lamb) for k, m in ms.items()}
+        # clipped at 1 / lamb so that the pull lamb * decrate stays <= 1; lamb = 0: no pull towards theta0
+        self.decrate = {k: (m / mean).clamp(max=1 / lamb) if lamb > 0 else m / mean for k, m in ms.items()}
         self.pull = {k: lamb * d for k, d in self.decrate.items()}  # a, in [0, 1]
         self.step = {k: lr / (m + eps) for k, m in ms.items()}  # c
         self._log_keep: dict[str, torch.Tensor] = {}  # log(1 - a) of the lazily decayed weights
