@@ -46,14 +46,19 @@ TUNABLE = {k for keys in RULE_KEYS.values() for k in keys} | set(CACHE_KEYS)  # 
 UPPER_BOUND = {"cache_lambda": 1.0, "adam_decay": 1.0}  # exclusive bounds a grid may not be extended across
 
 
+ZERO_OK = {"dyneval_lamb", "adam_decay"}  # 0 = no decay towards theta0: a bound of the axis, not an edge
+
+
 def _round(x: float) -> float:
     return float(f"{x:.6g}")  # 3e-5 * 7 -> 0.00021, not 0.00021000000000000001
 
 
 def initial_grid(cfg: Config, axis: str) -> list[float]:
     values = getattr(cfg.tune, axis)
-    if not values or any(not (v > 0) for v in values):
-        raise ConfigError(f"tune.{axis} must be a non-empty list of positive values, got {values}")
+    lowest = 0.0 if axis in ZERO_OK else None  # a decay may be off; a rate may not
+    if not values or any(not (v > 0 or (lowest is not None and v == lowest)) for v in values):
+        kind = "non-negative" if lowest is not None else "positive"
+        raise ConfigError(f"tune.{axis} must be a non-empty list of {kind} values, got {values}")
     scale = cfg.eval.segment_length / cfg.tune.reference_segment_length if axis in PER_UPDATE else 1.0
     return sorted({_round(v * scale) for v in values})
 
