@@ -5,13 +5,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from .checkpoint import CheckpointError
-from .checkpoint import load_checkpoint
-from .config import ConfigError, load_config
+from .checkpoint import CheckpointError, check_model_matches, load_checkpoint
+from .config import ConfigError, check_rule_layers, load_config
 from .data.errors import DataError
 from .faults import NumericalFaultError
+from .textio import safe_console
 
 PRESETS = Path(__file__).parent / "presets"
+SPLITS = ("train", "valid", "test")
 
 
 def _common(p: argparse.ArgumentParser, out_default: str | None = None, protocol: bool = False) -> None:
@@ -23,18 +24,44 @@ def _common(p: argparse.ArgumentParser, out_default: str | None = None, protocol
                             "theta0, 16 streams, segments of 20) or krause (one stream through the split, never "
                             "reset, segments of 5; Krause et al.)")
     p.add_argument("--out", default=out_default, metavar="DIR", help="run directory (sets log.out_dir)")
-    p.epilog = "Any config value can be overridden with --section.key=value, e.g. --train.lr=1e-3."
+    p.epilog = ("Any config value can be overridden with --section.key=value or --section.key value, e.g. "
+                "--train.lr=1e-3; a list is written [100,150].")
 
 
-def _config(args, extra: list[str], base: dict | None = None, presets: list[Path] = ()):
-    bad = [e for e in extra if not (e.startswith("--") and "=" in e and "." in e.split("=")[0])]
+def _is_override(arg: str) -> bool:
+    """--section.key or --section.key=value: no option of dynlm's own has a dot in its name."""
+    return arg.startswith("--") and "." in arg.partition("=")[0]
+
+
+def join_overrides(argv: list[str]) -> list[str]:
+    """Overrides in both usual forms: `--data.source text` becomes `--data.source=text` (the word after a
+    dotted flag is its value, unless it is another --flag); everything else is left as it is."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if _is_override(arg) and "=" not in arg and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            out.append(f"{arg}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(arg)
+            i += 1
+    return out
+
+
+def check_overrides(extra: list[str]) -> None:
+    bad = [e for e in extra if not (_is_override(e) and "=" in e)]
     if bad:
-        raise ConfigError(f"unrecognised argument(s) {bad}; overrides look like --section.key=value")
-    overrides = list(extra) + ([f"log.out_dir={args.out}"] if args.out else [])
+        raise ConfigError(f"unrecognised argument(s) {' '.join(bad)}; overrides look like --section.key=value "
+                          f"or --section.key value")
+
+
+def _config(args, extra: list[str], base: dict | None = None, presets: list[Path] = (), base_name: str = ""):
+    check_overrides(extra)
+    overrides = list(extra) + ([f"log.out_dir={args.out}"] if args.out is not None else [])  # taken literally
     if getattr(args, "protocol", None):
         from .modes import protocol_preset
         presets = [*presets, protocol_preset(args.protocol)]
-    return load_config([*presets, *args.config], overrides, base=base)
+    return load_config([*presets, *args.config], overrides, base=base, base_name=base_name or "the base config")
 
 
 def cmd_train(args, extra):
@@ -53,18 +80,27 @@ def cmd_metatrain(args, extra):
     from .train.meta import metatrain
     from .checkpoint import check_run_dir
     from .run_eval import run_dir_of
-    base = load_checkpoint(args.init)["config"] if args.init else None
+    init = load_checkpoint(args.init) if args.init else None
+    base = init["config"] if init else None
     if args.init and not args.out:  # its own directory beside the static run, never the static run's own
         init_dir = run_dir_of(Path(args.init))
         args.out = str(init_dir.parent / f"{init_dir.name}_meta")
         print(f"metatrain: writing to {args.out} (--out to choose)")
-    cfg = _config(args, extra, base=base)
+    cfg = _config(args, extra, base=base, base_name=f"the config saved in {args.init}")
+    if init:
+        _check_against(init, cfg, args.init)
     check_run_dir(Path(cfg.log.out_dir), "meta", "metatrain", args.resume, args.overwrite)
     result = metatrain(cfg, Path(cfg.log.out_dir), init=Path(args.init) if args.init else None, resume=args.resume)
     valid = (f"; validation ppl static {result['meta/valid_ppl_static']:.2f} -> learned "
              f"{result['meta/valid_ppl_learned']:.2f}" if "meta/valid_ppl_learned" in result else "")
     print(f"meta-trained {result['steps']} steps ({result['minutes']:.1f} min){valid}; checkpoint {result['checkpoint']}")
     return _signal_exit_code(result)
+
+
+def _check_against(ck: dict, cfg, path) -> None:
+    """Settings that contradict the loaded checkpoint's model: one error line before any work."""
+    check_model_matches(ck, cfg, path)
+    check_rule_layers(cfg)
 
 
 def _signal_exit_code(result: dict) -> int:
@@ -79,7 +115,8 @@ def cmd_evaluate(args, extra):
     from .run_eval import evaluate_checkpoint
     from .tune import explicit_rule_keys, tuned_in_effect, tuned_path
     ck = load_checkpoint(args.checkpoint)
-    cfg = _config(args, extra, base=ck["config"])
+    cfg = _config(args, extra, base=ck["config"], base_name=f"the config saved in {args.checkpoint}")
+    _check_against(ck, cfg, args.checkpoint)  # before anything is printed or scored
     tuned = tuned_path(Path(args.checkpoint), cfg)  # this protocol's tuned values
     use_tuned = tuned.exists() and not args.ignore_tuned
     out = Path(args.out or Path(cfg.log.out_dir) / f"eval_{args.split}")
@@ -94,7 +131,8 @@ def cmd_evaluate(args, extra):
 def cmd_tune(args, extra):
     from .tune import tune_checkpoint
     ck = load_checkpoint(args.checkpoint)
-    cfg = _config(args, extra, base=ck["config"])
+    cfg = _config(args, extra, base=ck["config"], base_name=f"the config saved in {args.checkpoint}")
+    _check_against(ck, cfg, args.checkpoint)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()] if args.modes else cfg.tune.modes
     learner = load_checkpoint(args.learner).get("learner") if args.learner else None
     if args.learner and learner is None:
@@ -122,9 +160,7 @@ def cmd_demo(args, extra):
 
 def cmd_experiment(args, extra):
     from .experiments import run_experiments
-    bad = [e for e in extra if not (e.startswith("--") and "=" in e and "." in e.split("=")[0])]
-    if bad:
-        raise ConfigError(f"unrecognised argument(s) {bad}; overrides look like --section.key=value")
+    check_overrides(extra)
     if args.estimate and (args.estimate_tflops <= 0 or args.estimate_bandwidth <= 0):
         raise ConfigError(f"--estimate-tflops and --estimate-bandwidth must be > 0, got {args.estimate_tflops:g} "
                           f"and {args.estimate_bandwidth:g}")
@@ -160,8 +196,20 @@ def cmd_gpu_check(args, extra):
     return 0 if result["ok"] else 1
 
 
+class _UsageError(Exception):
+    """A command line argparse cannot parse; main() prints it as one line and returns 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but its errors are one line like every other (`dynlm train: error: ...`, exit code 2);
+    the usage is one --help away."""
+
+    def error(self, message):
+        raise _UsageError(f"{self.prog}: error: {message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dynlm", description="Dynamical language models: LMs whose weights keep changing while they read.")
+    parser = _Parser(prog="dynlm", description="Dynamical language models: LMs whose weights keep changing while they read.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train the static LSTM LM (the 1-level baseline)")
@@ -183,8 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by `dynlm train`, or by `dynlm metatrain` "
                                                        "(needed for learned and learned+cache); tuned values are "
                                                        "read from its run directory")
-    p.add_argument("--split", default="valid", help="train | valid | test (default: valid); eval.max_articles=N scores "
-                                                   "only the first N articles")
+    p.add_argument("--split", default="valid", choices=SPLITS,
+                   help="train | valid | test (default: valid); eval.max_articles=N scores only the first N articles")
     p.add_argument("--modes", default="static",
                    help="comma-separated modes RULE[@lstm|@all][+cache], RULE one of static, sgd, dyneval, adam, "
                         "learned; or cache (the static model with the neural cache). E.g. "
@@ -208,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-articles", type=int, metavar="N",
                    help="leave out the split's first N articles, e.g. those an evaluation scores "
                         "(default: tune.skip_articles, 0)")
-    p.add_argument("--split", help="split to tune on (default: tune.split, i.e. valid)")
+    p.add_argument("--split", choices=SPLITS, help="split to tune on (default: tune.split, i.e. valid)")
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("demo", help="the main job on the bundled synthetic corpus: train, meta-train, tune every "
@@ -281,8 +329,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    safe_console()  # LC_ALL=C: a title like Café is printed as Caf\xe9, never a UnicodeEncodeError
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    try:
+        args, extra = parser.parse_known_args(join_overrides(list(sys.argv[1:] if argv is None else argv)))
+    except _UsageError as e:
+        print(e, file=sys.stderr)
+        return 2
     try:
         rc = args.func(args, extra)
         return rc if isinstance(rc, int) else 0

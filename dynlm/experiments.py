@@ -43,10 +43,10 @@ import torch
 import yaml
 
 from .checkpoint import flatten_config, latest_checkpoint, load_checkpoint
-from .config import Config, ConfigError, load_config, to_dict
+from .config import Config, ConfigError, load_config, save_config, to_dict
 from .run_eval import check_modes, evaluate_checkpoint, params_fingerprint
-from .report import check_config as check_report_config
 from .report import render_report
+from .textio import dumps, number, open_csv, read_json, read_text
 from .train.meta import check_meta_config, metatrain
 from .train.setup import prepare_data
 from .train.static import check_train_config, train_static
@@ -103,11 +103,8 @@ def experiment_configs(exp: Experiment, scale: str, overrides: list[str] = ()) -
                               f"({'; '.join(changed)}); model/data/train settings belong in the base files "
                               f"{[f.name for f in static_files]}")
         check_modes(list(exp.modes), cfg)
-        check_report_config(cfg.report)
         if full.learner:
             check_meta_config(cfg)
-        if cfg.eval.max_articles < 0:
-            raise ConfigError(f"eval.max_articles must be >= 0 (0 = all), got {cfg.eval.max_articles}")
         arms.append(ArmConfig(arm, files, cfg))
     return ExperimentConfigs(static_files, static, arms)
 
@@ -178,7 +175,7 @@ def weights_fingerprint(path: Path, ck: dict | None = None, with_learner: bool =
 
 def _read_json(path: Path) -> dict | None:
     try:
-        return json.loads(Path(path).read_text())
+        return read_json(path)
     except (OSError, ValueError):
         return None
 
@@ -186,7 +183,7 @@ def _read_json(path: Path) -> dict | None:
 def _write_json(path: Path, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    tmp.write_text(dumps(obj, indent=2, default=str), encoding="utf-8")  # strict JSON: inf/nan are null
     os.replace(tmp, path)
 
 
@@ -254,8 +251,8 @@ def find_run(kind: str, cfg: Config, key_fn: Callable[[dict], dict], runs: Path,
     for d in _candidate_dirs(runs, owned, cfg.log.out_dir):
         is_owned = _inside(d, owned)
         try:
-            saved = yaml.safe_load((d / "config.yaml").read_text()) or {}
-        except (OSError, yaml.YAMLError):
+            saved = yaml.safe_load(read_text(d / "config.yaml")) or {}
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
             continue
         diff = _mismatches(key_fn(saved), wanted)
         if diff:
@@ -317,12 +314,12 @@ def git_commit() -> str:
     """HEAD of the repository, '+dirty' when its code or experiment files have uncommitted changes."""
     try:
         head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                              text=True, timeout=20)
+                              encoding="utf-8", errors="replace", timeout=20)
         if head.returncode:
             return "unknown"
         dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no", "--",
                                 *DIRTY_PATHS],
-                               capture_output=True, text=True, timeout=20).stdout.strip()
+                               capture_output=True, encoding="utf-8", errors="replace", timeout=20).stdout.strip()
         return head.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -388,10 +385,10 @@ def take_modes(src: Path, out: Path, modes: list[str], report_cfg) -> None:
     _write_json(out / "summary.json", summary)
     for name in ("per_article.csv", "drift.csv"):  # one row per mode and article / position
         if (src / name).is_file():
-            with open(src / name, newline="") as f:
+            with open_csv(src / name) as f:
                 rows = list(csv.DictReader(f))
             if rows:
-                with open(out / name, "w", newline="") as f:
+                with open_csv(out / name, "w") as f:
                     w = csv.DictWriter(f, fieldnames=list(rows[0]))
                     w.writeheader()
                     w.writerows(r for r in rows if r["mode"] in modes)
@@ -722,14 +719,14 @@ class ExperimentRunner:
             if other:  # its record (commit, command, time) stays with the copied numbers
                 shutil.rmtree(out, ignore_errors=True)
                 shutil.copytree(other, out)
-                (out.parent / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+                save_config(cfg, out.parent / "config.yaml")
                 return
             other = superset_elsewhere(ckpt, cfg, tuned)
             if other:
                 take_modes(other, out, list(self.exp.modes), cfg.report)
                 record = _read_json(other / RECORD)
                 _write_json(out / RECORD, {**record, "key": self.eval_key(ckpt, cfg, tuned), "taken_from": str(other)})
-                (out.parent / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+                save_config(cfg, out.parent / "config.yaml")
                 return
             previous = _read_json(out / "summary.json") if "evaluate" in self.redo else None
             if "evaluate" in self.redo:  # scores kept from an interrupted earlier run are not a reproduction
@@ -741,7 +738,7 @@ class ExperimentRunner:
                     if tuned else None)
             started = time.perf_counter()
             evaluate_checkpoint(ck, ckpt, cfg, SPLIT, list(self.exp.modes), out, tuned=info)
-            (out.parent / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            save_config(cfg, out.parent / "config.yaml")
             _write_json(out / RECORD, {"key": self.eval_key(ckpt, cfg, tuned), "checkpoint": str(ckpt),
                                        "commit": self.commit, "command": self.command, "finished": _now(),
                                        "seconds": time.perf_counter() - started,
@@ -850,7 +847,7 @@ README_END = "<!-- END generated: dynlm experiment --results -->"
 
 def _ppl(m: dict) -> float:
     """Per-word perplexity where the tokens are not words (sentencepiece), so all rows compare."""
-    return m.get("word_ppl", m["ppl"])
+    return number(m.get("word_ppl", m["ppl"]))  # null in summary.json: diverged (inf)
 
 
 def collect_results(runs: Path) -> list[dict]:
@@ -1030,7 +1027,7 @@ def experiment_section(r: dict) -> str:
             m = s[mode]
             rel, tps, word = m.get("rel_change_vs_static"), m.get("tokens_per_s"), m.get("word_ppl")
             early = m.get("ppl_first100")
-            cells = [arm["name"], mode, f"{m['ppl']:.2f}", "" if word is None else f"{word:.2f}",
+            cells = [arm["name"], mode, f"{number(m['ppl']):.2f}", "" if word is None else f"{word:.2f}",
                      "" if rel is None else f"{100 * rel:+.2f}%", "" if early is None else f"{early:.2f}",
                      "" if tps is None else f"{tps:,.0f}",
                      f"{m['n_tokens']:,}", str(m["n_articles"])]
@@ -1094,8 +1091,8 @@ def readme_section(records: list[dict]) -> str:
 def compare_summaries(before: dict, after: dict, threads: tuple[int | None, int] | None = None) -> str:
     """Whether a redone evaluation reproduced the recorded perplexities; if not, by how much, and whether
     the torch thread count changed (it changes the order of floating-point sums, so the last bits)."""
-    old = {m: v["ppl"] for m, v in before.get("modes", {}).items()}
-    new = {m: v["ppl"] for m, v in after.get("modes", {}).items()}
+    old = {m: number(v["ppl"]) for m, v in before.get("modes", {}).items()}  # null: diverged (inf)
+    new = {m: number(v["ppl"]) for m, v in after.get("modes", {}).items()}
     if old == new:
         return f"reproduced the previous perplexities exactly: {', '.join(f'{m} {p:.4f}' for m, p in new.items())}"
 
@@ -1114,13 +1111,13 @@ def write_results(runs: Path, results_file: Path | None, readme: Path | None) ->
     records = collect_results(runs)
     if results_file:
         Path(results_file).parent.mkdir(parents=True, exist_ok=True)
-        Path(results_file).write_text(render_results(records))
+        Path(results_file).write_text(render_results(records), encoding="utf-8")
         print(f"results: {results_file} ({len(records)} experiment record(s) under {Path(runs, 'experiments')})")
     if readme and Path(readme).is_file():
-        text = Path(readme).read_text()
+        text = read_text(readme)
         pattern = re.compile(re.escape(README_BEGIN) + r".*?" + re.escape(README_END), re.S)
         if pattern.search(text):
-            Path(readme).write_text(pattern.sub(lambda _: readme_section(records), text, count=1))
+            Path(readme).write_text(pattern.sub(lambda _: readme_section(records), text, count=1), encoding="utf-8")
             print(f"results: updated the generated table in {readme}")
 
 

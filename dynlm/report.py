@@ -34,9 +34,10 @@ import pyarrow.parquet as pq
 from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend, Agg canvas
 from matplotlib.ticker import MaxNLocator
 
-from .config import ConfigError, ReportConfig
+from .config import ReportConfig
 from .data.errors import DataError
 from .evaluate import perplexity
+from .textio import open_csv
 
 BLUE = (37, 99, 235)  # the mode predicted this token better than static
 RED = (220, 38, 38)  # ... worse
@@ -129,7 +130,7 @@ def load_tokens(eval_dir: Path) -> TokenTable:
 def _titles(per_article_csv: Path) -> dict[str, str]:
     if not per_article_csv.is_file():
         return {}
-    with open(per_article_csv, newline="") as f:
+    with open_csv(per_article_csv) as f:
         return {r["article_id"]: r.get("title") or r["article_id"] for r in csv.DictReader(f)}
 
 
@@ -146,7 +147,7 @@ def per_article_results(eval_dir: Path, t: TokenTable) -> tuple[list[str], list[
     """per_article.csv as typed rows (for the wandb table); computed from the tokens if it is absent."""
     path = Path(eval_dir) / "per_article.csv"
     if path.is_file():
-        with open(path, newline="") as f:
+        with open_csv(path) as f:
             reader = csv.reader(f)
             columns = next(reader, [])
             text_cols = {i for i, c in enumerate(columns) if c in ("mode", "article_id", "title")}
@@ -386,7 +387,7 @@ def plot_histogram(t: TokenTable, path: Path) -> Figure:
 
 
 def plot_drift(drift_csv: Path, path: Path) -> Figure:
-    with open(drift_csv, newline="") as f:
+    with open_csv(drift_csv) as f:
         rows = list(csv.DictReader(f))
     series = {}  # mode -> (tokens read, mean drift, max drift)
     for mode in dict.fromkeys(r["mode"] for r in rows):
@@ -506,23 +507,9 @@ def render_heatmap(t: TokenTable, cfg: ReportConfig, path: Path) -> None:
 
 # --- entry points --------------------------------------------------------------------------------
 
-def check_config(cfg: ReportConfig) -> None:
-    positive = ["bin_width", "stream_articles", "smooth_window", "html_max_tokens"]
-    bad = [f"report.{k}={getattr(cfg, k)!r}" for k in positive if getattr(cfg, k) < 1]
-    if cfg.html_articles < 0:
-        bad.append(f"report.html_articles={cfg.html_articles!r}")
-    if not cfg.color_scale > 0:
-        bad.append(f"report.color_scale={cfg.color_scale!r}")
-    if bad:
-        raise ConfigError(f"invalid report setting(s) {bad}: counts must be >= 1 "
-                          f"(html_articles >= 0) and color_scale > 0")
-    if cfg.html_select not in ("first", "gain"):
-        raise ConfigError(f"report.html_select={cfg.html_select!r}; expected first or gain")
-
-
 def write_curve_csv(curve: dict, path: Path) -> None:
     modes = list(curve["improvement"])
-    with open(path, "w", newline="") as f:
+    with open_csv(path, "w") as f:
         w = csv.writer(f)
         w.writerow(["bin_start", "bin_end", "n_tokens", "n_articles", *modes])
         for k, start in enumerate(curve["bin_start"]):
@@ -532,8 +519,7 @@ def write_curve_csv(curve: dict, path: Path) -> None:
 
 def render_report(eval_dir: Path, cfg: ReportConfig | None = None) -> Report:
     """Write the report files into `eval_dir`; return what was written (for the trackers)."""
-    cfg = cfg or ReportConfig()
-    check_config(cfg)
+    cfg = cfg or ReportConfig()  # its values were checked when it was built (config.py)
     eval_dir = Path(eval_dir)
     t = load_tokens(eval_dir)
     report = Report(eval_dir, t.modes, per_article=per_article_results(eval_dir, t))

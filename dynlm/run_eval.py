@@ -13,16 +13,15 @@ import numpy as np
 import torch
 
 from .cache import CacheSettings
-from .checkpoint import CheckpointError, save_checkpoint
-from .config import Config, ConfigError, save_config, to_dict
+from .checkpoint import CheckpointError, check_model_matches, save_checkpoint
+from .config import Config, ConfigError, check_rule_layers, save_config, to_dict
 from .data.sources import load_articles
 from .data.tokenizers import load_tokenizer
 from .device import resolve_device
 from .evaluate import TokenScores, markdown_table, score, write_results
 from .model import LSTMLM
-from .report import check_config, log_report, render_report
+from .report import log_report, render_report
 from .rules import adapted_names, compute_grad_rms, make_rule
-from .rules.dyneval import GRAD_STATS
 from .data.streams import StreamLayout
 from .modes import Mode, parse_modes, protocol_of, tuned_keys
 from .tracking import Tracker
@@ -47,21 +46,10 @@ def tokenizer_for(ckpt_path: Path, ck: dict):
 
 
 def check_modes(modes: list[str], cfg: Config) -> list[Mode]:
-    """Parse the modes and fail on bad names or cache settings before any (long) scoring starts."""
-    parsed = parse_modes(modes)
-    if any(m.cache for m in parsed):
-        CacheSettings.from_config(cfg.rule)
-    for m in parsed:
-        if m.adapts:
-            adapted_names_check(cfg, m)
-    return parsed
-
-
-def adapted_names_check(cfg: Config, mode: Mode) -> None:
-    weights = mode.weights or (cfg.rule.dyneval_weights if mode.rule == "dyneval" else cfg.rule.weights)
-    if weights not in ("lstm", "all"):
-        key = "rule.dyneval_weights" if mode.rule == "dyneval" else "rule.weights"
-        raise ConfigError(f"{key}={weights!r}; valid: lstm, all")
+    """Parse the modes and fail on bad names, or on rule.layers the model lacks, before any (long) scoring
+    starts (every other rule and cache setting was checked when the config was built)."""
+    check_rule_layers(cfg)
+    return parse_modes(modes)
 
 
 def params_fingerprint(params) -> str:
@@ -84,10 +72,6 @@ def grad_rms_for(run_dir: Path, lm, params, cfg: Config, tok, device) -> dict:
     stream's own loss over eval.batch_size streams, with eval.boundary. rule.grad_rms_chunks segments
     (chunks of the layout), 0 for the whole training split."""
     e, r = cfg.eval, cfg.rule
-    if r.grad_stat not in GRAD_STATS:
-        raise ConfigError(f"rule.grad_stat={r.grad_stat!r}; valid: {', '.join(GRAD_STATS)}")
-    if r.grad_stat == "batch" and r.grad_stat_streams < 1:
-        raise ConfigError(f"rule.grad_stat_streams must be >= 1, got {r.grad_stat_streams}")
     names = list(params)
     streams, boundary = (r.grad_stat_streams, "continuous") if r.grad_stat == "batch" else (e.batch_size, e.boundary)
     data = {k: v for k, v in to_dict(cfg.data).items() if k != "cache_dir"}  # which training text
@@ -224,16 +208,14 @@ def evaluate_checkpoint(ck: dict, ckpt_path: Path, cfg: Config, split: str, mode
                         tuned: dict | None = None) -> dict:
     """tuned: the tuned values per mode this evaluation runs with (see mode_settings; recorded in
     summary.json)."""
+    check_model_matches(ck, cfg, ckpt_path)
     parsed = check_modes(modes, cfg)
     if not any(m.name == "static" for m in parsed):  # every change is measured against the static model
         print("note: mode static added: every mode's change is measured against it")
         parsed = [Mode("static"), *parsed]
-    check_config(cfg.report)  # fail before the (long) scoring, not after it
     device = resolve_device(cfg.train.device)
     tok = tokenizer_for(ckpt_path, ck)
     articles = load_articles(cfg.data, split, tok)
-    if cfg.eval.max_articles < 0:
-        raise ConfigError(f"eval.max_articles must be >= 0 (0 = all), got {cfg.eval.max_articles}")
     articles = articles[: cfg.eval.max_articles] if cfg.eval.max_articles else articles
     if cfg.eval.boundary == "continuous" and 1 < len(articles) <= cfg.eval.batch_size:
         # each stream would read a single article: continuous reading that never crosses a boundary

@@ -31,13 +31,14 @@ from typing import Callable
 import yaml
 from tqdm.auto import tqdm
 
-from .config import Config, ConfigError, to_dict
+from .config import Config, ConfigError, load_yaml, to_dict
 from .data.sources import load_articles
+from .textio import number, open_csv, read_json, write_json
 from .device import resolve_device
 from .evaluate import perplexity
 from .model import LSTMLM
 from .modes import CACHE_KEYS, RULE_KEYS, Mode, parse_modes, protocol_of, protocol_slug, tuned_keys
-from .checkpoint import load_checkpoint
+from .checkpoint import check_model_matches, load_checkpoint
 from .run_eval import check_modes, grad_rms_for, params_fingerprint, run_dir_of, score_mode, tokenizer_for
 from .tracking import Tracker
 
@@ -51,9 +52,7 @@ def _round(x: float) -> float:
 
 
 def initial_grid(cfg: Config, axis: str) -> list[float]:
-    values = getattr(cfg.tune, axis)
-    if not values or any(not (v > 0) for v in values):
-        raise ConfigError(f"tune.{axis} must be a non-empty list of positive values, got {values}")
+    values = getattr(cfg.tune, axis)  # a non-empty list of positive values (config.py)
     scale = cfg.eval.segment_length / cfg.tune.reference_segment_length if axis in PER_UPDATE else 1.0
     return sorted({_round(v * scale) for v in values})
 
@@ -114,10 +113,7 @@ LEGACY_MODE = {"sgd_lr": "sgd", "dyneval_lr": "dyneval", "dyneval_lamb": "dyneva
 def read_tuned(path: Path) -> dict[str, dict[str, float]]:
     """RUN/tuned.yaml as {mode name: {rule key: value}}; a malformed file is a clear error. A file of
     the earlier flat format (one `rule:` section) is read as the values of sgd, dyneval and cache."""
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    data = load_yaml(path)[0] or {}  # UTF-8, 1e-3 a number, a repeated key an error naming its line
     if isinstance(data, dict) and set(data) == {"rule"} and isinstance(data["rule"], dict):
         modes: dict[str, dict[str, float]] = {}
         for k, v in data["rule"].items():
@@ -140,7 +136,10 @@ def read_tuned(path: Path) -> dict[str, dict[str, float]]:
 def read_provenance(path: Path) -> dict[str, dict]:
     """Where each mode of RUN/tuned_PROTOCOL.yaml was tuned: {mode: {split, skip_articles, n_articles,
     n_tokens, weights}} (empty for files written before it was recorded)."""
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    try:
+        data = load_yaml(path)[0] or {}
+    except ConfigError:
+        return {}
     prov = data.get("provenance") if isinstance(data, dict) else None
     return prov if isinstance(prov, dict) else {}
 
@@ -152,7 +151,8 @@ def write_tuned(path: Path, best: dict[str, dict[str, float]], header: str,
     modes = (read_tuned(path) if path.exists() else {}) | best
     prov = (read_provenance(path) if path.exists() else {}) | {m: provenance for m in best if provenance}
     tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(header + yaml.safe_dump({"modes": modes, "provenance": prov}, sort_keys=True))
+    tmp.write_text(header + yaml.safe_dump({"modes": modes, "provenance": prov}, sort_keys=True, allow_unicode=True),
+                   encoding="utf-8")
     tmp.replace(path)  # never a half-written file
     return modes
 
@@ -194,10 +194,7 @@ def tuning_articles(articles: list, skip: int, n_articles: int, min_tokens: int)
 def mode_grids(mode: Mode, cfg: Config) -> dict[str, list[float]]:
     """The axes `dynlm tune` searches for `mode` (a `+cache` mode: tune.combo_axes only)."""
     keys = tuned_keys(mode)
-    if mode.cache and mode.adapts:
-        bad = sorted(set(cfg.tune.combo_axes) - set(CACHE_KEYS))
-        if bad:
-            raise ConfigError(f"tune.combo_axes may name {list(CACHE_KEYS)}, got {bad}")
+    if mode.cache and mode.adapts:  # combo_axes are cache keys (config.py)
         keys = tuple(cfg.tune.combo_axes)
     return {a: initial_grid(cfg, a) for a in keys}
 
@@ -212,6 +209,7 @@ def tune_checkpoint(ck: dict, ckpt_path: Path, cfg: Config, modes: list[str], sp
     """Grid-search each mode in `modes` on validation articles after the first `skip` (`n_articles` of
     them, or 0: as many as tune.tokens needs); write RUN/tuned.yaml. `learned+cache` reads the learner
     from `learner_state` (or from `ck` when it is a meta checkpoint)."""
+    check_model_matches(ck, cfg, ckpt_path)
     parsed = tune_order(check_modes(modes, cfg))
     untunable = [m.name for m in parsed if not tuned_keys(m)]
     if untunable:
@@ -317,14 +315,15 @@ def _with_earlier_modes(path: Path, rows: list[dict], result: dict) -> tuple[lis
     if not path.exists():
         return rows, result
     try:
-        old = json.loads(path.read_text())
+        old = read_json(path)
     except (OSError, ValueError):
         return rows, result
     same = all(old.get(k) == result[k] for k in ("checkpoint", "split", "skip_articles", "n_articles", "n_tokens"))
     if not same:
         return rows, result
     now = set(result["best"])
-    kept = [r for r in old.get("grid", []) if r["mode"] not in now and r["mode"] != "static"]
+    kept = [{**r, "ppl": number(r["ppl"])} for r in old.get("grid", [])  # null: it diverged (inf)
+            if r["mode"] not in now and r["mode"] != "static"]
     merged = dict(result)
     for k in ("best", "fixed", "extended", "on_edge"):
         merged[k] = {**{m: v for m, v in old.get(k, {}).items() if m not in now}, **result[k]}
@@ -335,11 +334,11 @@ def _with_earlier_modes(path: Path, rows: list[dict], result: dict) -> tuple[lis
 
 def _write_grid(out: Path, rows: list[dict], result: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "grid.csv", "w", newline="") as f:
+    with open_csv(out / "grid.csv", "w") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    (out / "tune.json").write_text(json.dumps(result, indent=2))
+    write_json(out / "tune.json", result)  # strict JSON: a diverged grid point's ppl (inf) is null
 
 
 def grid_table(rows: list[dict], static_ppl: float) -> str:
@@ -357,8 +356,8 @@ def explicit_rule_keys(files, overrides) -> set[str]:
             if o.lstrip("-").startswith("rule.")}
     for path in files:
         try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError):
+            data = load_yaml(path)[0] or {}
+        except ConfigError:
             continue
         if isinstance(data, dict) and isinstance(data.get("rule"), dict):
             keys |= set(data["rule"])
@@ -382,7 +381,7 @@ def tuned_in_effect(path: Path, ckpt_path: Path, cfg: Config, explicit=(), score
     if not prov:  # written before provenance was recorded per mode: the last tuning's text stands for all
         tune_info = tune_dir(ckpt_path, cfg) / "tune.json"
         if tune_info.exists():
-            t = json.loads(tune_info.read_text())
+            t = read_json(tune_info)
             prov = {m: t for m in modes}
     on = {m: {k: p.get(k) for k in ("split", "skip_articles", "n_articles", "n_tokens")} for m, p in prov.items()}
     if on:
@@ -411,7 +410,7 @@ def tuned_conditions_warning(ckpt_path: Path, cfg: Config) -> str | None:
     info = tune_dir(ckpt_path, cfg) / "tune.json"
     if not info.exists():
         return None
-    tuned = json.loads(info.read_text())
+    tuned = read_json(info)
     now = {"segment_length": cfg.eval.segment_length, "boundary": cfg.eval.boundary, "batch_size": cfg.eval.batch_size}
     diff = {k: (tuned.get(k), v) for k, v in now.items() if tuned.get(k) != v}
     if not diff:

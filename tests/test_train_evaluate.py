@@ -160,3 +160,31 @@ def test_dyneval_on_all_weights_through_evaluate(trained, tmp_path):
     every, lstm = modes["dyneval"], modes["dyneval@lstm"]
     assert every["n_tokens"] == lstm["n_tokens"] == modes["static"]["n_tokens"]
     assert math.isfinite(every["ppl"]) and every["ppl"] != pytest.approx(lstm["ppl"], rel=1e-6)
+
+
+def strict_json(text: str):
+    """RFC 8259 JSON only: NaN, Infinity and -Infinity are not JSON, whatever Python's json module accepts."""
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_summary_json_is_strict_json_and_a_diverged_mode_is_null(tmp_path):
+    """Issue 16, kind 7: a mode whose loss blew up (inf, nan) is recorded as null, never as bare Infinity."""
+    import numpy as np
+
+    from dynlm.data.articles import Article
+    from dynlm.evaluate import TokenScores, write_results
+
+    arts = [Article("valid/0", "Café", np.array([2, 3, 1], dtype=np.int32), 3)]
+    idx = dict(article=np.zeros(3, np.int64), position=np.arange(3), token=np.array([2, 3, 1]))
+    results = {"static": TokenScores(**idx, nll=np.array([1.0, 2.0, 0.5]), seconds=1.0),
+               "sgd": TokenScores(**idx, nll=np.array([1.0, np.inf, 0.5]), seconds=1.0),
+               "dyneval": TokenScores(**idx, nll=np.array([1.0, np.nan, 0.5]), seconds=0.0)}
+    write_results(tmp_path, results, arts, per_word=False, extra={"note": float("inf")})
+    summary = strict_json((tmp_path / "summary.json").read_text(encoding="utf-8"))
+    assert summary["modes"]["static"]["ppl"] > 1 and summary["note"] is None
+    assert summary["modes"]["sgd"]["ppl"] is None and summary["modes"]["sgd"]["rel_change_vs_static"] is None
+    assert summary["modes"]["dyneval"]["ppl"] is None and summary["modes"]["dyneval"]["tokens_per_s"] is None
+    rows = list(csv.DictReader(open(tmp_path / "per_article.csv", encoding="utf-8")))
+    assert {r["title"] for r in rows} == {"Café"}

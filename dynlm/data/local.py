@@ -1,7 +1,10 @@
 """Any local corpus: a directory of .txt files (one article each) or JSONL records."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr, ValidationError
 
 from .articles import RawArticle
 from .errors import DataError
@@ -46,24 +49,50 @@ def _jsonl_files(path: Path, split: str) -> list[Path]:
     raise DataError(f"no {split!r} split for JSONL corpus {path}: looked for {split}.jsonl or {split}/*.jsonl")
 
 
+class Record(BaseModel):
+    """One JSONL line: an article. Other fields are ignored."""
+    model_config = ConfigDict(extra="ignore")
+    text: StrictStr
+    title: StrictStr | None = None
+    id: StrictStr | StrictInt | None = None
+
+
+def _record_problem(e: ValidationError) -> str:
+    err = e.errors()[0]
+    name = ".".join(map(str, err["loc"][:1])) or "record"
+    if err["type"] == "missing":
+        return f"no {name!r} field (a record is {{\"text\": \"...\", \"title\": ..., \"id\": ...}})"
+    wanted = {"text": "a string", "title": "a string or null", "id": "a string, an integer or null"}.get(name, "")
+    return f"{name!r} must be {wanted}, got {json.dumps(err.get('input'))}"
+
+
+def read_records(path: Path) -> list[Record]:
+    """The records of a JSONL file (UTF-8, blank lines skipped); a line that is not a valid record is a
+    DataError naming the file and the line."""
+    records = []
+    for n, line in enumerate(read_lines(path), 1):  # read_lines: empty files / bad UTF-8 are errors too
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}, line {n}: not valid JSON ({e.msg}, column {e.colno})") from None
+        if not isinstance(data, dict):
+            raise DataError(f"{path}, line {n}: expected a JSON object such as {{\"text\": \"...\"}}, got "
+                            f"{line.strip()[:60]}")
+        try:
+            records.append(Record.model_validate(data))
+        except ValidationError as e:
+            raise DataError(f"{path}, line {n}: {_record_problem(e)}") from None
+    return records
+
+
 def load_jsonl(path: str | Path, split: str) -> list[RawArticle]:
     """One article per record: "text" (required), "title" and "id" (optional)."""
-    import datasets
-
-    files = _jsonl_files(Path(path), split)
-    for f in files:
-        read_lines(f)  # clear errors for empty files / bad UTF-8 before pyarrow sees them
-    try:
-        ds = datasets.load_dataset("json", data_files=[str(f) for f in files], split="train")
-    except Exception as e:
-        raise DataError(f"could not read JSONL {', '.join(map(str, files))}: {e}") from e
-    if "text" not in ds.column_names:
-        raise DataError(f"JSONL records in {files[0]} need a 'text' field (found {ds.column_names})")
-    cols = {c: ds[c] if c in ds.column_names else [None] * len(ds) for c in ("text", "title", "id")}
+    records = [r for f in _jsonl_files(Path(path), split) for r in read_records(f)]
     arts = []
-    for i, (text, title, rid) in enumerate(zip(cols["text"], cols["title"], cols["id"])):
-        lines = tuple((text or "").split("\n"))
+    for i, r in enumerate(records):
+        lines = tuple(r.text.split("\n"))
         first = next((line.strip() for line in lines if line.strip()), f"{split} {i}")
-        arts.append(RawArticle(f"{split}/{rid if rid is not None else f'{i:05d}'}",
-                               str(title) if title else first, lines))
+        arts.append(RawArticle(f"{split}/{r.id if r.id is not None else f'{i:05d}'}", r.title or first, lines))
     return arts
