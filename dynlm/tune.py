@@ -29,13 +29,13 @@ from pathlib import Path
 from typing import Callable
 
 import yaml
-from tqdm.auto import tqdm
 
 from .config import Config, ConfigError, to_dict
 from .data.sources import load_articles
 from .device import resolve_device
 from .evaluate import perplexity
 from .model import LSTMLM
+from .progress import progress
 from .modes import CACHE_KEYS, RULE_KEYS, Mode, parse_modes, protocol_of, protocol_slug, tuned_keys
 from .checkpoint import load_checkpoint
 from .run_eval import check_modes, grad_rms_for, params_fingerprint, run_dir_of, score_mode, tokenizer_for
@@ -76,7 +76,7 @@ def grid_search(grids: dict[str, list[float]], evaluate: Callable[[dict], float]
     values: dict[tuple, float] = {}
     for round_ in range(max_extensions + 1):
         todo = [p for p in itertools.product(*grids.values()) if p not in values]
-        for point in tqdm(todo, desc=desc, leave=False):
+        for point in progress(todo, desc=desc, leave=False):
             v = evaluate(dict(zip(axes, point)))
             values[point] = v if math.isfinite(v) else math.inf  # a diverging setting just loses
         best = min(values, key=values.get)
