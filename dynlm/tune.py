@@ -38,7 +38,8 @@ from .model import LSTMLM
 from .progress import progress
 from .modes import CACHE_KEYS, RULE_KEYS, Mode, parse_modes, protocol_of, protocol_slug, tuned_keys
 from .checkpoint import load_checkpoint
-from .run_eval import check_modes, grad_rms_for, params_fingerprint, run_dir_of, score_mode, tokenizer_for
+from .run_eval import (check_modes, grad_rms_for, model_training_data, params_fingerprint, run_dir_of, score_mode,
+                       tokenizer_for)
 from .tracking import Tracker
 
 PER_UPDATE = {"sgd_lr", "dyneval_lr", "dyneval_lamb", "adam_lr", "adam_decay"}  # per update: scaled with the segment length
@@ -233,7 +234,8 @@ def tune_checkpoint(ck: dict, ckpt_path: Path, cfg: Config, modes: list[str], sp
               f"{cfg.tune.tokens:,}: the split has no more", flush=True)
     lm = LSTMLM(cfg.model, tok.vocab_size)
     params = {k: v.to(device) for k, v in ck["params"].items()}
-    ms = grad_rms_for(run_dir, lm, params, cfg, tok, device) if any(m.rule == "dyneval" for m in parsed) else None
+    ms = (grad_rms_for(run_dir, lm, params, cfg, tok, device, model_training_data(ck, cfg))
+          if any(m.rule == "dyneval" for m in parsed) else None)
     path = tuned_path(ckpt_path, cfg)
     earlier = read_tuned(path) if path.exists() else {}
 
