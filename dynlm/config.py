@@ -17,61 +17,65 @@ class ConfigError(ValueError):
 
 @dataclass
 class SyntheticConfig:
+    """The bundled synthetic corpus: articles with their own entities and topic words, from a seed."""
     seed: int = 1234  # the corpus is a pure function of this seed
     n_train: int = 120  # articles per split
-    n_valid: int = 16
-    n_test: int = 16
+    n_valid: int = 16  # validation articles
+    n_test: int = 16  # test articles
     min_tokens: int = 300  # article length range (tokens incl. <eos>)
-    max_tokens: int = 2000
+    max_tokens: int = 2000  # longest article (tokens incl. <eos>)
     topic_share: float = 0.2  # share of noun slots filled by the article's own topic words (what adaptation exploits)
 
 
 @dataclass
 class DataConfig:
-    source: Literal["synthetic", "wikitext", "hub", "text", "jsonl"] = "synthetic"
+    """Where the articles come from and how they become tokens (cached under cache_dir)."""
+    source: Literal["synthetic", "wikitext", "hub", "text", "jsonl"] = "synthetic"  # text: PATH/SPLIT/*.txt, one article per file
     path: str = ""  # directory of wikitext files / text files / jsonl files
-    hub_name: str = "Salesforce/wikitext"
+    hub_name: str = "Salesforce/wikitext"  # source=hub: the datasets hub repository
     hub_config: str = "wikitext-2-v1"  # any wikitext config on the hub
-    tokenizer: Literal["word", "sentencepiece"] = "word"
-    sp_vocab_size: int = 8000
-    sp_model_type: Literal["unigram", "bpe"] = "unigram"
+    tokenizer: Literal["word", "sentencepiece"] = "word"  # word: split on spaces, vocabulary from training
+    sp_vocab_size: int = 8000  # sentencepiece: pieces in the vocabulary
+    sp_model_type: Literal["unigram", "bpe"] = "unigram"  # sentencepiece: model type
     cache_dir: str = ".cache/dynlm"  # tokenized-corpus cache
     max_articles: int = 0  # 0 = all articles of a split
     meta_articles: int = 0  # the last N training articles: meta-training only, not static training (0 = shared)
-    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)  # source=synthetic: the generated corpus
 
 
 @dataclass
 class ModelConfig:
+    """The LSTM language model (static weights theta0 plus the weights a rule rewrites)."""
     vocab_size: int = 0  # 0 = taken from the tokenizer
-    emb_size: int = 128
-    hidden_size: int = 256
-    n_layers: int = 1
+    emb_size: int = 128  # word embedding size
+    hidden_size: int = 256  # LSTM units per layer
+    n_layers: int = 1  # LSTM layers
     softmax: Literal["full", "adaptive"] = "full"  # full (tied) | adaptive
-    adaptive_cutoffs: list[int] = field(default_factory=lambda: [2000, 10000])
+    adaptive_cutoffs: list[int] = field(default_factory=lambda: [2000, 10000])  # softmax=adaptive: vocabulary cluster bounds
     dropout_emb: float = 0.0  # whole-word embedding dropout
     dropout_input: float = 0.1  # locked dropout on the LSTM input
     dropout_hidden: float = 0.1  # locked dropout between LSTM layers
     dropout_output: float = 0.1  # locked dropout before the softmax
     weight_drop: float = 0.0  # DropConnect on the recurrent weights (AWD-LSTM)
-    init_range: float = 0.1
+    init_range: float = 0.1  # weights start uniform in [-init_range, init_range]
 
 
 @dataclass
 class TrainConfig:
+    """`dynlm train`: the static LM, truncated BPTT over article streams, AdamW, warmup + cosine."""
     batch_size: int = 16  # parallel article streams
     bptt: int = 35  # chunk length (truncated BPTT)
-    epochs: int = 4
+    epochs: int = 4  # passes over the training split (max_steps / max_minutes end training earlier)
     max_steps: int = 0  # 0 = no limit
     max_minutes: float = 0.0  # wall-clock budget, 0 = none
-    lr: float = 3e-3
-    weight_decay: float = 1e-6
-    clip: float = 0.25
-    warmup_steps: int = 100
-    schedule: Literal["cosine", "constant"] = "cosine"
+    lr: float = 3e-3  # AdamW peak learning rate
+    weight_decay: float = 1e-6  # AdamW weight decay
+    clip: float = 0.25  # gradient norm clipping
+    warmup_steps: int = 100  # linear warmup of the learning rate
+    schedule: Literal["cosine", "constant"] = "cosine"  # after warmup: cosine to 5% of lr over the run | constant
     eval_every: int = 500  # steps between validations (and at every epoch end)
-    log_every: int = 50
-    seed: int = 0
+    log_every: int = 50  # steps between training-loss log lines (and at the last step)
+    seed: int = 0  # initialisation, dropout and reading order
     device: str = "auto"  # auto | cpu | cuda
     bf16: bool = False  # autocast to bfloat16
     boundary: Literal["reset", "continuous"] = "reset"  # hidden state at article starts
@@ -81,10 +85,11 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    modes: list[str] = field(default_factory=lambda: ["static"])
+    """How `evaluate` and `tune` read a split: prequential, segment by segment (--protocol sets these)."""
+    modes: list[str] = field(default_factory=lambda: ["static"])  # modes `dynlm demo` evaluates (evaluate: --modes)
     segment_length: int = 20  # tokens per online update: meta.chunk's default, so every method reads alike
-    batch_size: int = 8
-    boundary: Literal["reset", "continuous"] = "reset"
+    batch_size: int = 8  # parallel article streams
+    boundary: Literal["reset", "continuous"] = "reset"  # reset: every article from theta0 and a zero state | continuous: carried across articles
     max_articles: int = 0  # `evaluate`: score only the first N articles of the split (0 = all); cheaper runs
 
 
@@ -93,13 +98,13 @@ class RuleConfig:
     """Online update rules. `weights` / `dyneval_weights` say which weights a rule rewrites:
     `lstm` (the LSTM weights of `layers`, empty = all layers) or `all` (also embeddings and
     softmax, one copy per stream). A mode name may override it: `dyneval@lstm`, `sgd@all`."""
-    layers: list[int] = field(default_factory=list)
+    layers: list[int] = field(default_factory=list)  # LSTM layers a rule rewrites (empty = all)
     weights: Literal["lstm", "all"] = "lstm"  # what sgd, adam and learned rewrite
-    sgd_lr: float = 0.05
+    sgd_lr: float = 0.05  # `sgd`: step size per segment
     dyneval_weights: Literal["lstm", "all"] = "all"  # Krause et al. rewrite every weight
     dyneval_lr: float = 2e-5  # Krause: dW = lamb*decrate*(theta0-theta) - lr*g/(MS+eps)
-    dyneval_lamb: float = 2e-3
-    dyneval_eps: float = 2e-5
+    dyneval_lamb: float = 2e-3  # `dyneval`: decay rate towards theta0 (lambda)
+    dyneval_eps: float = 2e-5  # `dyneval`: epsilon added to MS
     grad_stat: Literal["batch", "stream"] = "batch"  # batch: Krause's gradstat, RMS of the gradient of a batch's mean loss | stream: of each stream's own
     grad_stat_streams: int = 100  # batch: parallel training streams per gradient (Krause's 100)
     grad_rms_chunks: int = 0  # training segments averaged for MS (0 = the whole training split, as Krause)
@@ -126,46 +131,47 @@ class TuneConfig:
     adam_lr, adam_decay) are given at `reference_segment_length` and scaled by eval.segment_length /
     reference_segment_length. A `MODE+cache` mode keeps MODE's tuned values and the cache's tuned
     theta and grid-searches `combo_axes` (the interpolation weight by default)."""
-    split: str = "valid"
+    split: str = "valid"  # split tuned on
     articles: int = 0  # 0 = as many articles as `tokens` needs (tokens 0: the rest of the split)
     tokens: int = 30000  # Krause et al. tuned on 30k validation tokens (--gridfast)
-    skip_articles: int = 0
-    modes: list[str] = field(default_factory=lambda: ["sgd", "dyneval", "cache"])
+    skip_articles: int = 0  # first articles left out (those the evaluation scores)
+    modes: list[str] = field(default_factory=lambda: ["sgd", "dyneval", "cache"])  # modes tuned when --modes is not given
     reference_segment_length: int = 5  # Krause's LSTM segment length, where his grid below lives
-    sgd_lr: list[float] = field(default_factory=lambda: [1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2])
-    dyneval_lr: list[float] = field(default_factory=lambda: [3e-5, 4e-5, 5e-5, 6e-5, 7e-5, 1e-4])  # Krause
-    dyneval_lamb: list[float] = field(default_factory=lambda: [1e-3, 2e-3, 3e-3, 5e-3])  # Krause
-    adam_lr: list[float] = field(default_factory=lambda: [3e-5, 1e-4, 3e-4])
-    adam_decay: list[float] = field(default_factory=lambda: [3e-4, 1e-3, 3e-3])
-    cache_theta: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.5, 0.8])
-    cache_lambda: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.15, 0.2, 0.3])
+    sgd_lr: list[float] = field(default_factory=lambda: [1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2])  # grid of rule.sgd_lr
+    dyneval_lr: list[float] = field(default_factory=lambda: [3e-5, 4e-5, 5e-5, 6e-5, 7e-5, 1e-4])  # grid of rule.dyneval_lr (Krause's)
+    dyneval_lamb: list[float] = field(default_factory=lambda: [1e-3, 2e-3, 3e-3, 5e-3])  # grid of rule.dyneval_lamb (Krause's)
+    adam_lr: list[float] = field(default_factory=lambda: [3e-5, 1e-4, 3e-4])  # grid of rule.adam_lr
+    adam_decay: list[float] = field(default_factory=lambda: [3e-4, 1e-3, 3e-3])  # grid of rule.adam_decay
+    cache_theta: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.5, 0.8])  # grid of rule.cache_theta
+    cache_lambda: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.15, 0.2, 0.3])  # grid of rule.cache_lambda
     combo_axes: list[str] = field(default_factory=lambda: ["cache_lambda"])  # searched for MODE+cache
-    max_extensions: int = 3
+    max_extensions: int = 3  # times a grid whose best value is on its edge is extended one step
 
 
 @dataclass
 class MetaConfig:
+    """`dynlm metatrain`: the learned update rule, trained through K-step truncated unrolls."""
     unroll: int = 4  # K chunk steps per meta-gradient
     chunk: int = 20  # tokens per chunk step (the online segment length)
-    batch_size: int = 16
-    steps: int = 300
-    max_minutes: float = 0.0
+    batch_size: int = 16  # parallel article streams
+    steps: int = 300  # meta-steps (each: unroll x chunk tokens per stream)
+    max_minutes: float = 0.0  # wall-clock budget, 0 = none
     lr: float = 3e-3  # outer Adam on the learner
     theta0_lr: float = 0.0  # outer Adam on theta0 (0: theta0 stays the static model's, so `static` stays comparable)
-    clip: float = 1.0
+    clip: float = 1.0  # meta-gradient norm clipping
     second_order: bool = False  # create_graph through the inner gradients
     checkpoint: bool = False  # gradient checkpointing of chunk steps: memory flat in the unroll length
-    boundary: Literal["reset", "continuous"] = "reset"
+    boundary: Literal["reset", "continuous"] = "reset"  # reset: fast weights back to theta0 at article starts | continuous (3-level)
     ewc_lambda: float = 0.0  # continuous: weight of the Fisher-weighted distance of fast weights from theta0
     ewc_chunks: int = 50  # training chunks for the diagonal Fisher estimate
     static_lr: float = 0.0  # outer Adam on embeddings/softmax too (0 = they stay the long-term memory as is)
-    log_every: int = 20
+    log_every: int = 20  # meta-steps between log lines (and at the last)
     eval_every: int = 0  # steps between validations of learned vs static (0 = only at the end)
     valid_articles: int = 8  # validation articles for those checks (0 = all)
     checkpoint_every: int = 100  # steps between rotating checkpoints (also on SIGINT/SIGTERM and at the end)
-    keep_checkpoints: int = 3
+    keep_checkpoints: int = 3  # rotating checkpoints kept (plus last.pt and best.pt)
     max_bad_steps: int = 5  # consecutive non-finite meta-steps (each skipped) before the run stops
-    seed: int = 0
+    seed: int = 0  # learner initialisation and reading order
 
 
 @dataclass
@@ -188,29 +194,30 @@ class BenchConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N (also `dynlm bench --device`)
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
     threads: int = 0  # torch CPU threads, 0 = torch's default (1 avoids oversubscribing a busy machine)
-    vocab_size: int = 10000
+    vocab_size: int = 10000  # of the random Zipfian tokens
     batch_size: int = 8  # streams, the same for every throughput measurement
     short_segment: int = 5  # the second evaluation segment length (Krause's)
     learner_hidden: int = 16  # width of the extra `learned ff, hidden > 0` row
     warmup: int = 1  # untimed calls per measurement (torch.compile compiles here)
     repeats: int = 3  # timed repeats per measurement; the median is reported
     steps: int = 2  # chunk steps per timed call (meta-training: one meta-step per call)
-    memory_unrolls: list[int] = field(default_factory=lambda: [1, 4, 16, 64])
+    memory_unrolls: list[int] = field(default_factory=lambda: [1, 4, 16, 64])  # unroll lengths K of the meta-step memory probes
     memory_batch_size: int = 1  # streams in the memory probes: K=64 without checkpointing keeps 64 steps' graphs
     memory_parallel: int = 2  # probe subprocesses at once on CPU (each measures its own RSS)
     memory_timeout_s: float = 600.0  # per memory probe subprocess
-    seed: int = 0
+    seed: int = 0  # of the random tokens and weights
 
 
 @dataclass
 class LogConfig:
-    out_dir: str = "runs/default"
+    """Where a run writes, and its wandb run (offline without an API key)."""
+    out_dir: str = "runs/default"  # run directory (--out)
     wandb_mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto | online | offline | disabled (auto: offline without API key)
-    project: str = "dynlm"
-    entity: str = ""
-    name: str = ""
-    group: str = ""
-    tags: list[str] = field(default_factory=list)
+    project: str = "dynlm"  # wandb project
+    entity: str = ""  # wandb entity (team or user; empty = yours)
+    name: str = ""  # wandb run name (empty = generated)
+    group: str = ""  # wandb group
+    tags: list[str] = field(default_factory=list)  # wandb tags
 
 
 @dataclass
