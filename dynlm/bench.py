@@ -34,7 +34,6 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from .config import Config, ConfigError, from_dict, to_dict
 from .data.streams import Chunk
@@ -44,6 +43,7 @@ from .model import LSTMLM, Params, State
 from .model.regularizers import embedding_dropout, locked_dropout
 from .cache import CacheSettings, cache_step, empty_cache
 from .modes import parse_mode
+from .progress import progress
 from .rules import adapted_names, compute_grad_rms, make_rule
 from .rules.learned import COMPILE_MIN
 from .roofline import META_TRAFFIC, fraction_of_bound, online_bytes_per_token, triad_bandwidth
@@ -406,7 +406,7 @@ def time_workloads(workloads: list[Workload], bench: Bench, repeats: int, warmup
             w.after_warmup(w)
         first = f" in {w.first_call_s:.1f} s" if w.first_call_s is not None else ""
         print(f"warmed up {w.name}{first}", flush=True)
-    with tqdm(total=repeats * len(workloads), desc="timing", mininterval=1) as bar:
+    with progress(total=repeats * len(workloads), desc="timing", mininterval=1) as bar:
         for _ in range(repeats):
             for w in workloads:
                 bench.sync()

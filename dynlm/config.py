@@ -79,12 +79,13 @@ def config_class(cls):
 
 @config_class
 class SyntheticConfig:
+    """The bundled synthetic corpus: articles with their own entities and topic words, from a seed."""
     seed: Int = 1234  # the corpus is a pure function of this seed
     n_train: NonNeg = 120  # articles per split
-    n_valid: NonNeg = 16
-    n_test: NonNeg = 16
+    n_valid: NonNeg = 16  # validation articles
+    n_test: NonNeg = 16  # test articles
     min_tokens: Annotated[int, Strict(), Field(ge=10)] = 300  # article length range (tokens incl. <eos>)
-    max_tokens: Annotated[int, Strict(), Field(ge=10)] = 2000
+    max_tokens: Annotated[int, Strict(), Field(ge=10)] = 2000  # longest article (tokens incl. <eos>)
     topic_share: Share = 0.2  # share of noun slots filled by the article's own topic words (what adaptation exploits)
 
     def __post_init__(self):
@@ -94,50 +95,53 @@ class SyntheticConfig:
 
 @config_class
 class DataConfig:
-    source: Literal["synthetic", "wikitext", "hub", "text", "jsonl"] = "synthetic"
+    """Where the articles come from and how they become tokens (cached under cache_dir)."""
+    source: Literal["synthetic", "wikitext", "hub", "text", "jsonl"] = "synthetic"  # text: PATH/SPLIT/*.txt, one article per file
     path: str = ""  # directory of wikitext files / text files / jsonl files
-    hub_name: str = "Salesforce/wikitext"
+    hub_name: str = "Salesforce/wikitext"  # source=hub: the datasets hub repository
     hub_config: str = "wikitext-2-v1"  # any wikitext config on the hub
-    tokenizer: Literal["word", "sentencepiece"] = "word"
-    sp_vocab_size: Count = 8000  # what the corpus allows is checked when the tokenizer is built
-    sp_model_type: Literal["unigram", "bpe"] = "unigram"
+    tokenizer: Literal["word", "sentencepiece"] = "word"  # word: split on spaces, vocabulary from training
+    sp_vocab_size: Count = 8000  # sentencepiece: pieces in the vocabulary (what the corpus allows is checked when the tokenizer is built)
+    sp_model_type: Literal["unigram", "bpe"] = "unigram"  # sentencepiece: model type
     cache_dir: str = ".cache/dynlm"  # tokenized-corpus cache
     max_articles: NonNeg = 0  # 0 = all articles of a split
     meta_articles: NonNeg = 0  # the last N training articles: meta-training only, not static training (0 = shared)
-    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)  # source=synthetic: the generated corpus
 
 
 @config_class
 class ModelConfig:
+    """The LSTM language model (static weights theta0 plus the weights a rule rewrites)."""
     vocab_size: NonNeg = 0  # 0 = taken from the tokenizer
-    emb_size: Count = 128
-    hidden_size: Count = 256
-    n_layers: Count = 1
+    emb_size: Count = 128  # word embedding size
+    hidden_size: Count = 256  # LSTM units per layer
+    n_layers: Count = 1  # LSTM layers
     softmax: Literal["full", "adaptive"] = "full"  # full (tied) | adaptive
-    adaptive_cutoffs: list[Count] = field(default_factory=lambda: [2000, 10000])
+    adaptive_cutoffs: list[Count] = field(default_factory=lambda: [2000, 10000])  # softmax=adaptive: vocabulary cluster bounds
     dropout_emb: Fraction = 0.0  # whole-word embedding dropout
     dropout_input: Fraction = 0.1  # locked dropout on the LSTM input
     dropout_hidden: Fraction = 0.1  # locked dropout between LSTM layers
     dropout_output: Fraction = 0.1  # locked dropout before the softmax
     weight_drop: Fraction = 0.0  # DropConnect on the recurrent weights (AWD-LSTM)
-    init_range: NonNegFloat = 0.1
+    init_range: NonNegFloat = 0.1  # weights start uniform in [-init_range, init_range]
 
 
 @config_class
 class TrainConfig:
+    """`dynlm train`: the static LM, truncated BPTT over article streams, AdamW, warmup + cosine."""
     batch_size: Count = 16  # parallel article streams
     bptt: Count = 35  # chunk length (truncated BPTT)
-    epochs: NonNeg = 4
+    epochs: NonNeg = 4  # passes over the training split (max_steps / max_minutes end training earlier)
     max_steps: NonNeg = 0  # 0 = no limit
     max_minutes: NonNegFloat = 0.0  # wall-clock budget, 0 = none
-    lr: NonNegFloat = 3e-3
-    weight_decay: NonNegFloat = 1e-6
-    clip: PosFloat = 0.25
-    warmup_steps: NonNeg = 100
-    schedule: Literal["cosine", "constant"] = "cosine"
+    lr: NonNegFloat = 3e-3  # AdamW peak learning rate
+    weight_decay: NonNegFloat = 1e-6  # AdamW weight decay
+    clip: PosFloat = 0.25  # gradient norm clipping
+    warmup_steps: NonNeg = 100  # linear warmup of the learning rate
+    schedule: Literal["cosine", "constant"] = "cosine"  # after warmup: cosine to 5% of lr over the run | constant
     eval_every: Count = 500  # steps between validations (and at every epoch end)
-    log_every: Count = 50
-    seed: Int = 0
+    log_every: Count = 50  # steps between training-loss log lines (and at the last step)
+    seed: Int = 0  # initialisation, dropout and reading order
     device: Device = "auto"  # auto | cpu | cuda | cuda:N
     bf16: Bool = False  # autocast to bfloat16
     boundary: Boundary = "reset"  # hidden state at article starts
@@ -147,10 +151,11 @@ class TrainConfig:
 
 @config_class
 class EvalConfig:
-    modes: list[str] = field(default_factory=lambda: ["static"])
+    """How `evaluate` and `tune` read a split: prequential, segment by segment (--protocol sets these)."""
+    modes: list[str] = field(default_factory=lambda: ["static"])  # modes `dynlm demo` evaluates (evaluate: --modes)
     segment_length: Count = 20  # tokens per online update: meta.chunk's default, so every method reads alike
-    batch_size: Count = 8
-    boundary: Boundary = "reset"
+    batch_size: Count = 8  # parallel article streams
+    boundary: Boundary = "reset"  # reset: every article from theta0 and a zero state | continuous: carried across articles
     max_articles: NonNeg = 0  # `evaluate`: score only the first N articles of the split (0 = all); cheaper runs
 
 
@@ -159,13 +164,13 @@ class RuleConfig:
     """Online update rules. `weights` / `dyneval_weights` say which weights a rule rewrites:
     `lstm` (the LSTM weights of `layers`, empty = all layers) or `all` (also embeddings and
     softmax, one copy per stream). A mode name may override it: `dyneval@lstm`, `sgd@all`."""
-    layers: list[NonNeg] = field(default_factory=list)  # checked against the model's layers where one is loaded
+    layers: list[NonNeg] = field(default_factory=list)  # LSTM layers a rule rewrites (empty = all); checked against the model's layers where one is loaded
     weights: Literal["lstm", "all"] = "lstm"  # what sgd, adam and learned rewrite
-    sgd_lr: NonNegFloat = 0.05
+    sgd_lr: NonNegFloat = 0.05  # `sgd`: step size per segment
     dyneval_weights: Literal["lstm", "all"] = "all"  # Krause et al. rewrite every weight
     dyneval_lr: NonNegFloat = 2e-5  # Krause: dW = lamb*decrate*(theta0-theta) - lr*g/(MS+eps)
-    dyneval_lamb: NonNegFloat = 2e-3
-    dyneval_eps: PosFloat = 2e-5
+    dyneval_lamb: NonNegFloat = 2e-3  # `dyneval`: decay rate towards theta0 (lambda)
+    dyneval_eps: PosFloat = 2e-5  # `dyneval`: epsilon added to MS
     grad_stat: Literal["batch", "stream"] = "batch"  # batch: Krause's gradstat, RMS of the gradient of a batch's mean loss | stream: of each stream's own
     grad_stat_streams: Count = 100  # batch: parallel training streams per gradient (Krause's 100)
     grad_rms_chunks: NonNeg = 0  # training segments averaged for MS (0 = the whole training split, as Krause)
@@ -192,49 +197,50 @@ class TuneConfig:
     adam_lr, adam_decay) are given at `reference_segment_length` and scaled by eval.segment_length /
     reference_segment_length. A `MODE+cache` mode keeps MODE's tuned values and the cache's tuned
     theta and grid-searches `combo_axes` (the interpolation weight by default)."""
-    split: Split = "valid"
+    split: Split = "valid"  # split tuned on
     articles: NonNeg = 0  # 0 = as many articles as `tokens` needs (tokens 0: the rest of the split)
     tokens: NonNeg = 30000  # Krause et al. tuned on 30k validation tokens (--gridfast)
-    skip_articles: NonNeg = 0
-    modes: list[str] = field(default_factory=lambda: ["sgd", "dyneval", "cache"])
+    skip_articles: NonNeg = 0  # first articles left out (those the evaluation scores)
+    modes: list[str] = field(default_factory=lambda: ["sgd", "dyneval", "cache"])  # modes tuned when --modes is not given
     reference_segment_length: Count = 5  # Krause's LSTM segment length, where his grid below lives
-    sgd_lr: Grid = field(default_factory=lambda: [1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2])
-    dyneval_lr: Grid = field(default_factory=lambda: [3e-5, 4e-5, 5e-5, 6e-5, 7e-5, 1e-4])  # Krause
-    dyneval_lamb: Grid = field(default_factory=lambda: [1e-3, 2e-3, 3e-3, 5e-3])  # Krause
-    adam_lr: Grid = field(default_factory=lambda: [3e-5, 1e-4, 3e-4])
+    sgd_lr: Grid = field(default_factory=lambda: [1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2])  # grid of rule.sgd_lr
+    dyneval_lr: Grid = field(default_factory=lambda: [3e-5, 4e-5, 5e-5, 6e-5, 7e-5, 1e-4])  # grid of rule.dyneval_lr (Krause's)
+    dyneval_lamb: Grid = field(default_factory=lambda: [1e-3, 2e-3, 3e-3, 5e-3])  # grid of rule.dyneval_lamb (Krause's)
+    adam_lr: Grid = field(default_factory=lambda: [3e-5, 1e-4, 3e-4])  # grid of rule.adam_lr
     adam_decay: Annotated[list[Annotated[float, Strict(), Field(gt=0, lt=1)]], Field(min_length=1)] = field(
-        default_factory=lambda: [3e-4, 1e-3, 3e-3])
-    cache_theta: Grid = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.5, 0.8])
+        default_factory=lambda: [3e-4, 1e-3, 3e-3])  # grid of rule.adam_decay
+    cache_theta: Grid = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.5, 0.8])  # grid of rule.cache_theta
     cache_lambda: Annotated[list[Annotated[float, Strict(), Field(gt=0, lt=1)]], Field(min_length=1)] = field(
-        default_factory=lambda: [0.05, 0.1, 0.15, 0.2, 0.3])
+        default_factory=lambda: [0.05, 0.1, 0.15, 0.2, 0.3])  # grid of rule.cache_lambda
     combo_axes: list[Literal["cache_theta", "cache_lambda"]] = field(
         default_factory=lambda: ["cache_lambda"])  # searched for MODE+cache
-    max_extensions: NonNeg = 3
+    max_extensions: NonNeg = 3  # times a grid whose best value is on its edge is extended one step
 
 
 @config_class
 class MetaConfig:
+    """`dynlm metatrain`: the learned update rule, trained through K-step truncated unrolls."""
     unroll: Count = 4  # K chunk steps per meta-gradient
     chunk: Count = 20  # tokens per chunk step (the online segment length)
-    batch_size: Count = 16
-    steps: NonNeg = 300
-    max_minutes: NonNegFloat = 0.0
+    batch_size: Count = 16  # parallel article streams
+    steps: NonNeg = 300  # meta-steps (each: unroll x chunk tokens per stream)
+    max_minutes: NonNegFloat = 0.0  # wall-clock budget, 0 = none
     lr: PosFloat = 3e-3  # outer Adam on the learner
     theta0_lr: NonNegFloat = 0.0  # outer Adam on theta0 (0: theta0 stays the static model's, so `static` stays comparable)
-    clip: PosFloat = 1.0
+    clip: PosFloat = 1.0  # meta-gradient norm clipping
     second_order: Bool = False  # create_graph through the inner gradients
     checkpoint: Bool = False  # gradient checkpointing of chunk steps: memory flat in the unroll length
-    boundary: Boundary = "reset"
+    boundary: Boundary = "reset"  # reset: fast weights back to theta0 at article starts | continuous (3-level)
     ewc_lambda: NonNegFloat = 0.0  # continuous: weight of the Fisher-weighted distance of fast weights from theta0
     ewc_chunks: Count = 50  # training chunks for the diagonal Fisher estimate
     static_lr: NonNegFloat = 0.0  # outer Adam on embeddings/softmax too (0 = they stay the long-term memory as is)
-    log_every: Count = 20
+    log_every: Count = 20  # meta-steps between log lines (and at the last)
     eval_every: NonNeg = 0  # steps between validations of learned vs static (0 = only at the end)
     valid_articles: NonNeg = 8  # validation articles for those checks (0 = all)
     checkpoint_every: Count = 100  # steps between rotating checkpoints (also on SIGINT/SIGTERM and at the end)
-    keep_checkpoints: Count = 3
+    keep_checkpoints: Count = 3  # rotating checkpoints kept (plus last.pt and best.pt)
     max_bad_steps: Count = 5  # consecutive non-finite meta-steps (each skipped) before the run stops
-    seed: Int = 0
+    seed: Int = 0  # learner initialisation and reading order
 
 
 @config_class
@@ -257,29 +263,30 @@ class BenchConfig:
     device: Device = "auto"  # auto | cpu | cuda | cuda:N (also `dynlm bench --device`)
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
     threads: NonNeg = 0  # torch CPU threads, 0 = torch's default (1 avoids oversubscribing a busy machine)
-    vocab_size: Annotated[int, Strict(), Field(ge=2)] = 10000
+    vocab_size: Annotated[int, Strict(), Field(ge=2)] = 10000  # of the random Zipfian tokens
     batch_size: Count = 8  # streams, the same for every throughput measurement
     short_segment: Count = 5  # the second evaluation segment length (Krause's)
     learner_hidden: Count = 16  # width of the extra `learned ff, hidden > 0` row
     warmup: NonNeg = 1  # untimed calls per measurement (torch.compile compiles here)
     repeats: Count = 3  # timed repeats per measurement; the median is reported
     steps: Count = 2  # chunk steps per timed call (meta-training: one meta-step per call)
-    memory_unrolls: list[Count] = field(default_factory=lambda: [1, 4, 16, 64])
+    memory_unrolls: list[Count] = field(default_factory=lambda: [1, 4, 16, 64])  # unroll lengths K of the meta-step memory probes
     memory_batch_size: Count = 1  # streams in the memory probes: K=64 without checkpointing keeps 64 steps' graphs
     memory_parallel: Count = 2  # probe subprocesses at once on CPU (each measures its own RSS)
     memory_timeout_s: PosFloat = 600.0  # per memory probe subprocess
-    seed: Int = 0
+    seed: Int = 0  # of the random tokens and weights
 
 
 @config_class
 class LogConfig:
-    out_dir: Annotated[str, Field(min_length=1)] = "runs/default"  # taken literally: "runs/lr #1" is that directory
+    """Where a run writes, and its wandb run (offline without an API key)."""
+    out_dir: Annotated[str, Field(min_length=1)] = "runs/default"  # run directory (--out), taken literally: "runs/lr #1" is that directory
     wandb_mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto | online | offline | disabled (auto: offline without API key)
-    project: str = "dynlm"
-    entity: str = ""
-    name: str = ""
-    group: str = ""
-    tags: list[str] = field(default_factory=list)
+    project: str = "dynlm"  # wandb project
+    entity: str = ""  # wandb entity (team or user; empty = yours)
+    name: str = ""  # wandb run name (empty = generated)
+    group: str = ""  # wandb group
+    tags: list[str] = field(default_factory=list)  # wandb tags
 
 
 @config_class

@@ -16,7 +16,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from .cache import CacheSettings, cache_step, clear_rows, empty_cache
 from .data.articles import Article
@@ -24,6 +23,7 @@ from .textio import open_csv, write_json
 from .data.streams import StreamLayout
 from .device import autocast
 from .model import LSTMLM, Params
+from .progress import progress
 from .rules.base import Rule, StaticRule
 from .unroll import chunk_step, reset_streams, start_reader
 
@@ -72,7 +72,7 @@ def score(
     drift_every = max(1, DRIFT_EVERY_TOKENS // segment_length)  # chunks
     theta0_sq = sum(theta0[k].square().sum() for k in reader.fast) if reader.fast else None
     start = time.perf_counter()
-    for i, chunk in enumerate(tqdm(layout, desc=desc, leave=False, mininterval=2)):
+    for i, chunk in enumerate(progress(layout, desc=desc, leave=False)):
         chunk = chunk.to(device)
         if boundary == "reset":
             reader = reset_streams(reader, theta0, rule, chunk.new_article)

@@ -44,6 +44,8 @@ import yaml
 
 from .checkpoint import flatten_config, latest_checkpoint, load_checkpoint
 from .config import Config, ConfigError, load_config, save_config, to_dict
+from .data.errors import DataError
+from .data.wikitext import wikitext_files
 from .run_eval import check_modes, evaluate_checkpoint, params_fingerprint
 from .report import render_report
 from .textio import dumps, number, open_csv, read_json, read_text
@@ -398,6 +400,40 @@ def take_modes(src: Path, out: Path, modes: list[str], report_cfg) -> None:
     render_report(out, report_cfg)
 
 
+def generated_files(runs: Path, results_file: str | None, readme: str | None) -> tuple[Path | None, Path | None]:
+    """Where the runner writes its tables: where asked (--results-file / --readme; '' = nowhere), else the
+    repository's experiments/RESULTS.md and README.md only when run from the repository root with its runs
+    inside it; from anywhere else the installed repository's files are not its to rewrite."""
+    in_repo = Path.cwd().resolve() == REPO and _inside(Path(runs).resolve(), REPO)
+    if (results_file is None or readme is None) and not in_repo:
+        print(f"note: not rewriting {RESULTS_FILE} or {README_FILE} (run from outside the repository root, or "
+              f"--runs outside it); --results-file / --readme name files to write")
+
+    def chosen(given: str | None, repo_file: Path) -> Path | None:
+        if given is None:
+            return repo_file if in_repo else None
+        return Path(given) if given else None
+
+    return chosen(results_file, RESULTS_FILE), chosen(readme, README_FILE)
+
+
+def data_problem(cfg: Config) -> str | None:
+    """Why the base model's corpus cannot be read from here (None when it can): a WikiText directory is
+    looked for relative to the current directory, so a run from elsewhere misses the default one."""
+    d = cfg.data
+    if d.source != "wikitext":
+        return None  # hub: downloaded (or cached) by `datasets`; synthetic: generated
+    splits = ("train", SPLIT)
+    missing = [s for s in splits if not any(f.is_file() for f in wikitext_files(d.path, s))]
+    if not missing:
+        return None
+    where = Path(d.path)
+    return (f"the WikiText data is not at data.path={d.path} ({where.resolve()}, relative to the current directory "
+            f"{Path.cwd()}): no {' or '.join(f'wiki.{s}.tokens / {s}.txt' for s in missing)} there. Point "
+            f"--data-dir DIR at a copy (wiki.SPLIT.tokens or SPLIT.txt), run from the directory the path is relative "
+            f"to, or read it from the hub: --data.source=hub --data.hub_config=wikitext-2-v1 (needs the internet)")
+
+
 REDOABLE = ("tune", "evaluate")  # stages --redo may repeat in place (training stages own their run dirs)
 
 
@@ -406,7 +442,7 @@ class ExperimentRunner:
     redo: stage kinds (of REDOABLE) to run again even when done, e.g. to check that they reproduce."""
 
     def __init__(self, exp: Experiment, scale: str, overrides: list[str], runs: Path, command: str,
-                 results_file: Path | None = RESULTS_FILE, readme: Path | None = README_FILE, redo=()):
+                 results_file: Path | None = None, readme: Path | None = None, redo=()):
         bad = sorted(set(redo) - set(REDOABLE))
         if bad:
             raise ConfigError(f"--redo {','.join(bad)}: only {', '.join(REDOABLE)} can be redone in place")
@@ -787,6 +823,9 @@ class ExperimentRunner:
     def plan_text(self) -> str:
         lines = [f"experiment {self.exp.name} at {self.scale} scale ({CORPUS[self.scale]}): {self.exp.title}",
                  f"  base files: {', '.join(f.name for f in self.configs.static_files)}"]
+        problem = data_problem(self.configs.static)
+        if problem:
+            lines.append(f"  warning: {problem}")
         for ac in self.configs.arms:
             lines.append(f"  arm {ac.arm.name}: {', '.join(f.name for f in ac.files)}")
         for i, s in enumerate(self.stages(), 1):
@@ -815,7 +854,11 @@ class ExperimentRunner:
 
     def run(self) -> None:
         print(self.plan_text(), flush=True)
-        for s in self.stages():
+        stages = self.stages()
+        problem = data_problem(self.configs.static)
+        if problem and not all(s.check()[0] and s.kind not in self.redo for s in stages if s.kind != "report"):
+            raise DataError(f"{self.exp.name}: {problem}")
+        for s in stages:
             done, what = s.check()  # again: an earlier stage may have produced or changed what this one reads
             if done and s.kind in self.redo:
                 print(f"\n[{self.exp.name}] {s.kind}: done, redone (--redo): {what}", flush=True)
@@ -1148,7 +1191,7 @@ def only_modes(exp: Experiment, modes: list[str] | None) -> Experiment:
 
 def run_experiments(name: str | None, scale: str = "cpu", overrides: list[str] = (), data_dir: str | None = None,
                     dry_run: bool = False, results_only: bool = False, runs: Path = Path("runs"),
-                    results_file: Path | None = RESULTS_FILE, readme: Path | None = README_FILE,
+                    results_file: Path | None = None, readme: Path | None = None,
                     redo: list[str] = (), estimate: tuple[float, float] | None = None,
                     modes: list[str] | None = None) -> int:
     """`dynlm experiment`: plan (--dry-run), estimate the cost of (--estimate), or run one experiment, or

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Callable
 
 import yaml
-from tqdm.auto import tqdm
 
 from .config import Config, ConfigError, load_yaml, to_dict
 from .data.sources import load_articles
@@ -37,9 +36,11 @@ from .textio import number, open_csv, read_json, write_json
 from .device import resolve_device
 from .evaluate import perplexity
 from .model import LSTMLM
+from .progress import progress
 from .modes import CACHE_KEYS, RULE_KEYS, Mode, parse_modes, protocol_of, protocol_slug, tuned_keys
 from .checkpoint import check_model_matches, load_checkpoint
-from .run_eval import check_modes, grad_rms_for, params_fingerprint, run_dir_of, score_mode, tokenizer_for
+from .run_eval import (check_modes, grad_rms_for, model_training_data, params_fingerprint, run_dir_of, score_mode,
+                       tokenizer_for)
 from .tracking import Tracker
 
 PER_UPDATE = {"sgd_lr", "dyneval_lr", "dyneval_lamb", "adam_lr", "adam_decay"}  # per update: scaled with the segment length
@@ -75,7 +76,7 @@ def grid_search(grids: dict[str, list[float]], evaluate: Callable[[dict], float]
     values: dict[tuple, float] = {}
     for round_ in range(max_extensions + 1):
         todo = [p for p in itertools.product(*grids.values()) if p not in values]
-        for point in tqdm(todo, desc=desc, leave=False):
+        for point in progress(todo, desc=desc, leave=False):
             v = evaluate(dict(zip(axes, point)))
             values[point] = v if math.isfinite(v) else math.inf  # a diverging setting just loses
         best = min(values, key=values.get)
@@ -231,7 +232,8 @@ def tune_checkpoint(ck: dict, ckpt_path: Path, cfg: Config, modes: list[str], sp
               f"{cfg.tune.tokens:,}: the split has no more", flush=True)
     lm = LSTMLM(cfg.model, tok.vocab_size)
     params = {k: v.to(device) for k, v in ck["params"].items()}
-    ms = grad_rms_for(run_dir, lm, params, cfg, tok, device) if any(m.rule == "dyneval" for m in parsed) else None
+    ms = (grad_rms_for(run_dir, lm, params, cfg, tok, device, model_training_data(ck, cfg))
+          if any(m.rule == "dyneval" for m in parsed) else None)
     path = tuned_path(ckpt_path, cfg)
     earlier = read_tuned(path) if path.exists() else {}
 

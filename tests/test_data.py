@@ -100,16 +100,35 @@ def test_hub_local_parquet(tmp_path):
 
 def test_text_dir(tmp_path):
     (tmp_path / "train" / "sub").mkdir(parents=True)
-    (tmp_path / "train" / "a.txt").write_text("\n First Title \nbody one two\n")
-    (tmp_path / "train" / "sub" / "b.txt").write_text("hello world\n")
+    (tmp_path / "train" / "a.txt").write_text("\n = First Title = \nbody one two\n")
+    (tmp_path / "train" / "sub" / "b_2.txt").write_text("A whole first paragraph that is not a title at all.\nmore\n")
     arts = load_raw_split(DataConfig(source="text", path=str(tmp_path)), "train")
-    assert [(a.id, a.title) for a in arts] == [("train/a.txt", "First Title"), ("train/sub/b.txt", "hello world")]
-    assert arts[0].lines == ("", " First Title ", "body one two")
+    # a WikiText heading is the title, else the file name, never the first paragraph (issue 17)
+    assert [(a.id, a.title) for a in arts] == [("train/a.txt", "First Title"), ("train/sub/b_2.txt", "b_2")]
+    assert arts[0].lines == ("", " = First Title = ", "body one two")
     with pytest.raises(DataError, match="valid"):
         load_raw_split(DataConfig(source="text", path=str(tmp_path)), "valid")
     (tmp_path / "train" / "c.txt").write_bytes(b"ok\n\xc3(\n")
     with pytest.raises(DataError, match=r"c\.txt.*byte offset 3"):
         load_raw_split(DataConfig(source="text", path=str(tmp_path)), "train")
+
+
+def test_text_layout_error_states_the_whole_layout_once(tmp_path):
+    """Issue 17: a flat folder of .txt files failed on train/, then on valid/, one folder at a time."""
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "essay.txt").write_text("some words\n")
+    with pytest.raises(DataError) as err:
+        load_raw_split(DataConfig(source="text", path=str(tmp_path / "mine")), "train")
+    msg = str(err.value)
+    assert "\n" not in msg and "has no train/ or valid/ or test/ folder; it holds 1 .txt file(s) directly" in msg
+    for split in ("train", "valid", "test"):
+        assert f"{tmp_path / 'mine' / split}/" in msg
+    assert "only the scored split" in msg and "--split test" in msg and "the file name is the title" in msg
+    (tmp_path / "mine" / "test").mkdir()
+    with pytest.raises(DataError, match=r"has no train/ or valid/ folder"):
+        load_raw_split(DataConfig(source="text", path=str(tmp_path / "mine")), "valid")
+    with pytest.raises(DataError, match="does not exist"):
+        load_raw_split(DataConfig(source="text", path=str(tmp_path / "nope")), "test")
 
 
 def test_jsonl(tmp_path):
@@ -161,9 +180,9 @@ def test_inputs_are_utf8_whatever_the_locale_and_a_byte_order_mark_is_not_text(t
     byte offsets of bad UTF-8 still count it."""
     bom = b"\xef\xbb\xbf"
     (tmp_path / "train").mkdir()
-    (tmp_path / "train" / "cafe.txt").write_bytes(bom + "Café\nLe café est noir .\n".encode())
-    [art] = load_raw_split(DataConfig(source="text", path=str(tmp_path)), "train")
-    assert art.title == "Café" and art.lines[0] == "Café"
+    (tmp_path / "train" / "cafe.txt").write_bytes(bom + " = Café = \nLe café est noir .\n".encode())
+    [art] = load_raw_split(DataConfig(source="text", path=str(tmp_path)), "train")  # a heading titles it (issue 17)
+    assert art.title == "Café" and art.lines[0] == " = Café = "  # with the BOM it would be the file name, cafe
     (tmp_path / "train.jsonl").write_bytes(bom + '{"title": "Café", "text": "crème"}\n'.encode())
     [art] = load_raw_split(DataConfig(source="jsonl", path=str(tmp_path / "train.jsonl")), "train")
     assert (art.title, art.lines) == ("Café", ("crème",))

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from .. import distributed as D
 from ..checkpoint import (CheckpointError, check_model_matches, config_mismatches, load_checkpoint,
@@ -27,6 +26,7 @@ from ..data.tokenizers import load_tokenizer
 from ..evaluate import perplexity, score
 from ..faults import FaultGuard
 from ..model import LSTMLM
+from ..progress import interactive, progress
 from ..rules import adapted_names, compute_grad_rms, learner_parameters, make_rule, with_consolidation
 from ..signals import StopOnSignals
 from ..tracking import Tracker
@@ -229,7 +229,7 @@ def _metatrain(cfg: Config, run_dir: Path, init: Path | None, resume: bool, dinf
     positions = reading_positions(train_arts, cfg, tok.eos_id, epoch, chunk_idx, dinfo)
     start, window_start, window_tokens = time.perf_counter(), time.perf_counter(), 0
     window = {"dyn": 0.0, "static": 0.0, "n": 0, "forget": 0.0, "input": 0.0, "k": 0}
-    bar = tqdm(total=m.steps, initial=step, desc="metatrain", mininterval=2, disable=not main)
+    bar = progress(total=m.steps, initial=step, desc="metatrain", enabled=main)
     stopped_by, valid = None, {}
     with StopOnSignals() as stop:
         while step < m.steps:
@@ -280,7 +280,8 @@ def _metatrain(cfg: Config, run_dir: Path, init: Path | None, resume: bool, dinf
                              "meta/gain": gain, "meta/forget_gate": w["forget"] / w["k"],
                              "meta/input_gate": w["input"] / w["k"], "meta/skipped_steps": guard.skipped,
                              "meta/tokens_per_s": window_tokens / (now - window_start),
-                             "meta/epoch": epoch + chunk_idx / len(layout)}, step=step, echo=False)
+                             "meta/epoch": epoch + chunk_idx / len(layout)},
+                            step=step, echo=not interactive())  # on a terminal the bar shows the gain
                 bar.set_postfix(gain=f"{gain:+.4f}")
                 window = dict.fromkeys(window, 0.0)
                 window_start, window_tokens = now, 0
