@@ -52,6 +52,7 @@ NonNegFloat = Annotated[float, Strict(), Field(ge=0)]
 Fraction = Annotated[float, Strict(), Field(ge=0, lt=1)]  # a dropout, a decay, an interpolation weight
 Share = Annotated[float, Strict(), Field(ge=0, le=1)]
 Grid = Annotated[list[PosFloat], Field(min_length=1)]  # a tune grid: positive values, at least one
+DecayGrid = Annotated[list[NonNegFloat], Field(min_length=1)]  # a decay's grid may start at 0: no decay, a bound, not an edge
 Device = Annotated[str, AfterValidator(_device)]
 Boundary = Literal["reset", "continuous"]
 Split = Literal["train", "valid", "test"]
@@ -205,9 +206,9 @@ class TuneConfig:
     reference_segment_length: Count = 5  # Krause's LSTM segment length, where his grid below lives
     sgd_lr: Grid = field(default_factory=lambda: [1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2])  # grid of rule.sgd_lr
     dyneval_lr: Grid = field(default_factory=lambda: [3e-5, 4e-5, 5e-5, 6e-5, 7e-5, 1e-4])  # grid of rule.dyneval_lr (Krause's)
-    dyneval_lamb: Grid = field(default_factory=lambda: [1e-3, 2e-3, 3e-3, 5e-3])  # grid of rule.dyneval_lamb (Krause's)
+    dyneval_lamb: DecayGrid = field(default_factory=lambda: [1e-3, 2e-3, 3e-3, 5e-3])  # grid of rule.dyneval_lamb (Krause's)
     adam_lr: Grid = field(default_factory=lambda: [3e-5, 1e-4, 3e-4])  # grid of rule.adam_lr
-    adam_decay: Annotated[list[Annotated[float, Strict(), Field(gt=0, lt=1)]], Field(min_length=1)] = field(
+    adam_decay: Annotated[list[Annotated[float, Strict(), Field(ge=0, lt=1)]], Field(min_length=1)] = field(
         default_factory=lambda: [3e-4, 1e-3, 3e-3])  # grid of rule.adam_decay
     cache_theta: Grid = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.5, 0.8])  # grid of rule.cache_theta
     cache_lambda: Annotated[list[Annotated[float, Strict(), Field(gt=0, lt=1)]], Field(min_length=1)] = field(

@@ -53,7 +53,7 @@ def _round(x: float) -> float:
 
 
 def initial_grid(cfg: Config, axis: str) -> list[float]:
-    values = getattr(cfg.tune, axis)  # a non-empty list of positive values (config.py)
+    values = getattr(cfg.tune, axis)  # non-empty, positive; a decay's may start at 0 (config.py)
     scale = cfg.eval.segment_length / cfg.tune.reference_segment_length if axis in PER_UPDATE else 1.0
     return sorted({_round(v * scale) for v in values})
 

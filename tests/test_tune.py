@@ -9,7 +9,7 @@ import yaml
 
 from conftest import TINY
 from dynlm.cli import main
-from dynlm.config import load_config
+from dynlm.config import ConfigError, load_config
 from dynlm.tune import extend, grid_search, initial_grid
 
 # small grids (given at segment length 5; TINY evaluates at 10, so per-update rates double)
@@ -55,6 +55,13 @@ def test_extension_stops_at_bounds_and_single_values():
     assert extend([0.5], 0.5, "cache_theta") is None  # a one-value grid is a fixed value
     assert extend([1.0, 2.0, 4.0], 2.0, "sgd_lr") is None
     assert extend([0.0, 3e-5, 6e-5], 0.0, "dyneval_lamb") is None  # 0 (no decay) is the axis' own bound
+
+
+def test_a_decay_grid_may_start_at_zero_a_rate_grid_may_not():
+    cfg = load_config([], ["eval.segment_length=5", "tune.dyneval_lamb=[0,1e-4]"])
+    assert initial_grid(cfg, "dyneval_lamb") == [0.0, 1e-4]
+    with pytest.raises(ConfigError, match="tune.dyneval_lr"):
+        load_config([], ["tune.dyneval_lr=[0,1e-4]"])
 
 
 def test_zero_decay_is_a_bound_not_an_edge():
