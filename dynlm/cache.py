@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .config import ConfigError, RuleConfig
+from .config import RuleConfig
 
 
 @dataclass(frozen=True)
@@ -30,13 +30,8 @@ class CacheSettings:
     theta: float  # flatness: larger = sharper attention on the most similar hidden states
     lam: float  # interpolation weight of the cache distribution
 
-    def __post_init__(self):
-        if self.window < 1:
-            raise ConfigError(f"rule.cache_window must be >= 1, got {self.window}")
-        if self.theta < 0:
-            raise ConfigError(f"rule.cache_theta must be >= 0, got {self.theta}")
-        if not 0 <= self.lam < 1:
-            raise ConfigError(f"rule.cache_lambda must be in [0, 1), got {self.lam}")
+    def __post_init__(self):  # the ranges are rule.cache_*'s, declared once in config.py
+        RuleConfig(cache_window=self.window, cache_theta=self.theta, cache_lambda=self.lam)
 
     @classmethod
     def from_config(cls, cfg: RuleConfig) -> "CacheSettings":

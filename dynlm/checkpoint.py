@@ -150,6 +150,18 @@ def config_mismatches(saved: dict, current: dict, keys, ignore=()) -> list[str]:
             for k in selected if k not in flat_now or flat_saved[k] != flat_now[k]]
 
 
+def check_model_matches(ck: dict, cfg, path) -> None:
+    """Before a loaded checkpoint is used (evaluate, tune, metatrain --init): every model.* setting must be
+    the checkpoint's own, since its weights fix the model. One CheckpointError lists each key that differs
+    (set by an override or a --config file), rather than a shape error deep inside torch later."""
+    from .config import to_dict
+
+    diff = config_mismatches(ck.get("config", {}), to_dict(cfg), ["model"])
+    if diff:
+        raise CheckpointError(f"{path}: settings contradict the checkpoint's model: {'; '.join(diff)}; its weights "
+                              f"fix the model, so drop these model.* overrides (or --config keys)")
+
+
 def load_checkpoint(path, map_location="cpu") -> dict:
     path = Path(path)
     if not path.is_file():

@@ -6,7 +6,6 @@ before seeing it. The `mode` column names the method; `static` is the 1-level mo
 from __future__ import annotations
 
 import csv
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -17,13 +16,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from .cache import CacheSettings, cache_step, clear_rows, empty_cache
 from .data.articles import Article
+from .textio import open_csv, write_json
 from .data.streams import StreamLayout
 from .device import autocast
 from .model import LSTMLM, Params
+from .progress import progress
 from .rules.base import Rule, StaticRule
 from .unroll import chunk_step, reset_streams, start_reader
 
@@ -72,7 +72,7 @@ def score(
     drift_every = max(1, DRIFT_EVERY_TOKENS // segment_length)  # chunks
     theta0_sq = sum(theta0[k].square().sum() for k in reader.fast) if reader.fast else None
     start = time.perf_counter()
-    for i, chunk in enumerate(tqdm(layout, desc=desc, leave=False, mininterval=2)):
+    for i, chunk in enumerate(progress(layout, desc=desc, leave=False)):
         chunk = chunk.to(device)
         if boundary == "reset":
             reader = reset_streams(reader, theta0, rule, chunk.new_article)
@@ -144,16 +144,17 @@ def summarize(results: dict[str, TokenScores], articles: list[Article], per_word
 
 def write_results(out_dir: Path, results: dict[str, TokenScores], articles: list[Article], per_word: bool,
                   tokenizer=None, extra: dict | None = None) -> dict:
-    """per_article.csv, summary.json and tokens.parquet (one NLL column per mode; with `tokenizer`
+    """per_article.csv, summary.json (strict JSON: a non-finite value, e.g. the perplexity of a mode that
+    diverged, is recorded as null) and tokens.parquet (one NLL column per mode; with `tokenizer`
     also a `text` column and the tokenizer kind / <eos> text in the file metadata, for the report)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = [r for mode, s in results.items() for r in per_article_rows(mode, articles, s, per_word)]
-    with open(out_dir / "per_article.csv", "w", newline="") as f:
+    with open_csv(out_dir / "per_article.csv", "w") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
     summary = {**summarize(results, articles, per_word), **(extra or {})}  # extra: e.g. the tuned values used
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(out_dir / "summary.json", summary)  # strict JSON: a diverged (inf/nan) perplexity is null
     first = next(iter(results.values()))
     table = {"article_id": [articles[i].id for i in first.article], "position": first.position,
              "token": first.token}
@@ -168,7 +169,7 @@ def write_results(out_dir: Path, results: dict[str, TokenScores], articles: list
     drift = [(mode, int(t), mean, top) for mode, s in results.items() if s.drift is not None
              for t, mean, top in s.drift.tolist()]
     if drift:  # the weight-drift trajectory of each adaptive mode, for the report
-        with open(out_dir / "drift.csv", "w", newline="") as f:
+        with open_csv(out_dir / "drift.csv", "w") as f:
             w = csv.writer(f)
             w.writerow(["mode", "tokens_read", "drift_mean", "drift_max"])
             w.writerows(drift)

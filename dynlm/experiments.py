@@ -43,10 +43,12 @@ import torch
 import yaml
 
 from .checkpoint import flatten_config, latest_checkpoint, load_checkpoint
-from .config import Config, ConfigError, load_config, to_dict
+from .config import Config, ConfigError, load_config, save_config, to_dict
+from .data.errors import DataError
+from .data.wikitext import wikitext_files
 from .run_eval import check_modes, evaluate_checkpoint, params_fingerprint
-from .report import check_config as check_report_config
 from .report import render_report
+from .textio import dumps, number, open_csv, read_json, read_text
 from .train.meta import check_meta_config, metatrain
 from .train.setup import prepare_data
 from .train.static import check_train_config, train_static
@@ -103,11 +105,8 @@ def experiment_configs(exp: Experiment, scale: str, overrides: list[str] = ()) -
                               f"({'; '.join(changed)}); model/data/train settings belong in the base files "
                               f"{[f.name for f in static_files]}")
         check_modes(list(exp.modes), cfg)
-        check_report_config(cfg.report)
         if full.learner:
             check_meta_config(cfg)
-        if cfg.eval.max_articles < 0:
-            raise ConfigError(f"eval.max_articles must be >= 0 (0 = all), got {cfg.eval.max_articles}")
         arms.append(ArmConfig(arm, files, cfg))
     return ExperimentConfigs(static_files, static, arms)
 
@@ -178,7 +177,7 @@ def weights_fingerprint(path: Path, ck: dict | None = None, with_learner: bool =
 
 def _read_json(path: Path) -> dict | None:
     try:
-        return json.loads(Path(path).read_text())
+        return read_json(path)
     except (OSError, ValueError):
         return None
 
@@ -186,7 +185,7 @@ def _read_json(path: Path) -> dict | None:
 def _write_json(path: Path, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    tmp.write_text(dumps(obj, indent=2, default=str), encoding="utf-8")  # strict JSON: inf/nan are null
     os.replace(tmp, path)
 
 
@@ -254,8 +253,8 @@ def find_run(kind: str, cfg: Config, key_fn: Callable[[dict], dict], runs: Path,
     for d in _candidate_dirs(runs, owned, cfg.log.out_dir):
         is_owned = _inside(d, owned)
         try:
-            saved = yaml.safe_load((d / "config.yaml").read_text()) or {}
-        except (OSError, yaml.YAMLError):
+            saved = yaml.safe_load(read_text(d / "config.yaml")) or {}
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
             continue
         diff = _mismatches(key_fn(saved), wanted)
         if diff:
@@ -317,12 +316,12 @@ def git_commit() -> str:
     """HEAD of the repository, '+dirty' when its code or experiment files have uncommitted changes."""
     try:
         head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                              text=True, timeout=20)
+                              encoding="utf-8", errors="replace", timeout=20)
         if head.returncode:
             return "unknown"
         dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no", "--",
                                 *DIRTY_PATHS],
-                               capture_output=True, text=True, timeout=20).stdout.strip()
+                               capture_output=True, encoding="utf-8", errors="replace", timeout=20).stdout.strip()
         return head.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -388,10 +387,10 @@ def take_modes(src: Path, out: Path, modes: list[str], report_cfg) -> None:
     _write_json(out / "summary.json", summary)
     for name in ("per_article.csv", "drift.csv"):  # one row per mode and article / position
         if (src / name).is_file():
-            with open(src / name, newline="") as f:
+            with open_csv(src / name) as f:
                 rows = list(csv.DictReader(f))
             if rows:
-                with open(out / name, "w", newline="") as f:
+                with open_csv(out / name, "w") as f:
                     w = csv.DictWriter(f, fieldnames=list(rows[0]))
                     w.writeheader()
                     w.writerows(r for r in rows if r["mode"] in modes)
@@ -399,6 +398,40 @@ def take_modes(src: Path, out: Path, modes: list[str], report_cfg) -> None:
     keep = [c for c in table.column_names if not c.startswith("nll_") or c.removeprefix("nll_") in modes]
     pq.write_table(table.select(keep), out / "tokens.parquet")
     render_report(out, report_cfg)
+
+
+def generated_files(runs: Path, results_file: str | None, readme: str | None) -> tuple[Path | None, Path | None]:
+    """Where the runner writes its tables: where asked (--results-file / --readme; '' = nowhere), else the
+    repository's experiments/RESULTS.md and README.md only when run from the repository root with its runs
+    inside it; from anywhere else the installed repository's files are not its to rewrite."""
+    in_repo = Path.cwd().resolve() == REPO and _inside(Path(runs).resolve(), REPO)
+    if (results_file is None or readme is None) and not in_repo:
+        print(f"note: not rewriting {RESULTS_FILE} or {README_FILE} (run from outside the repository root, or "
+              f"--runs outside it); --results-file / --readme name files to write")
+
+    def chosen(given: str | None, repo_file: Path) -> Path | None:
+        if given is None:
+            return repo_file if in_repo else None
+        return Path(given) if given else None
+
+    return chosen(results_file, RESULTS_FILE), chosen(readme, README_FILE)
+
+
+def data_problem(cfg: Config) -> str | None:
+    """Why the base model's corpus cannot be read from here (None when it can): a WikiText directory is
+    looked for relative to the current directory, so a run from elsewhere misses the default one."""
+    d = cfg.data
+    if d.source != "wikitext":
+        return None  # hub: downloaded (or cached) by `datasets`; synthetic: generated
+    splits = ("train", SPLIT)
+    missing = [s for s in splits if not any(f.is_file() for f in wikitext_files(d.path, s))]
+    if not missing:
+        return None
+    where = Path(d.path)
+    return (f"the WikiText data is not at data.path={d.path} ({where.resolve()}, relative to the current directory "
+            f"{Path.cwd()}): no {' or '.join(f'wiki.{s}.tokens / {s}.txt' for s in missing)} there. Point "
+            f"--data-dir DIR at a copy (wiki.SPLIT.tokens or SPLIT.txt), run from the directory the path is relative "
+            f"to, or read it from the hub: --data.source=hub --data.hub_config=wikitext-2-v1 (needs the internet)")
 
 
 REDOABLE = ("tune", "evaluate")  # stages --redo may repeat in place (training stages own their run dirs)
@@ -409,7 +442,7 @@ class ExperimentRunner:
     redo: stage kinds (of REDOABLE) to run again even when done, e.g. to check that they reproduce."""
 
     def __init__(self, exp: Experiment, scale: str, overrides: list[str], runs: Path, command: str,
-                 results_file: Path | None = RESULTS_FILE, readme: Path | None = README_FILE, redo=()):
+                 results_file: Path | None = None, readme: Path | None = None, redo=()):
         bad = sorted(set(redo) - set(REDOABLE))
         if bad:
             raise ConfigError(f"--redo {','.join(bad)}: only {', '.join(REDOABLE)} can be redone in place")
@@ -722,14 +755,14 @@ class ExperimentRunner:
             if other:  # its record (commit, command, time) stays with the copied numbers
                 shutil.rmtree(out, ignore_errors=True)
                 shutil.copytree(other, out)
-                (out.parent / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+                save_config(cfg, out.parent / "config.yaml")
                 return
             other = superset_elsewhere(ckpt, cfg, tuned)
             if other:
                 take_modes(other, out, list(self.exp.modes), cfg.report)
                 record = _read_json(other / RECORD)
                 _write_json(out / RECORD, {**record, "key": self.eval_key(ckpt, cfg, tuned), "taken_from": str(other)})
-                (out.parent / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+                save_config(cfg, out.parent / "config.yaml")
                 return
             previous = _read_json(out / "summary.json") if "evaluate" in self.redo else None
             if "evaluate" in self.redo:  # scores kept from an interrupted earlier run are not a reproduction
@@ -741,7 +774,7 @@ class ExperimentRunner:
                     if tuned else None)
             started = time.perf_counter()
             evaluate_checkpoint(ck, ckpt, cfg, SPLIT, list(self.exp.modes), out, tuned=info)
-            (out.parent / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            save_config(cfg, out.parent / "config.yaml")
             _write_json(out / RECORD, {"key": self.eval_key(ckpt, cfg, tuned), "checkpoint": str(ckpt),
                                        "commit": self.commit, "command": self.command, "finished": _now(),
                                        "seconds": time.perf_counter() - started,
@@ -790,6 +823,9 @@ class ExperimentRunner:
     def plan_text(self) -> str:
         lines = [f"experiment {self.exp.name} at {self.scale} scale ({CORPUS[self.scale]}): {self.exp.title}",
                  f"  base files: {', '.join(f.name for f in self.configs.static_files)}"]
+        problem = data_problem(self.configs.static)
+        if problem:
+            lines.append(f"  warning: {problem}")
         for ac in self.configs.arms:
             lines.append(f"  arm {ac.arm.name}: {', '.join(f.name for f in ac.files)}")
         for i, s in enumerate(self.stages(), 1):
@@ -818,7 +854,11 @@ class ExperimentRunner:
 
     def run(self) -> None:
         print(self.plan_text(), flush=True)
-        for s in self.stages():
+        stages = self.stages()
+        problem = data_problem(self.configs.static)
+        if problem and not all(s.check()[0] and s.kind not in self.redo for s in stages if s.kind != "report"):
+            raise DataError(f"{self.exp.name}: {problem}")
+        for s in stages:
             done, what = s.check()  # again: an earlier stage may have produced or changed what this one reads
             if done and s.kind in self.redo:
                 print(f"\n[{self.exp.name}] {s.kind}: done, redone (--redo): {what}", flush=True)
@@ -850,7 +890,7 @@ README_END = "<!-- END generated: dynlm experiment --results -->"
 
 def _ppl(m: dict) -> float:
     """Per-word perplexity where the tokens are not words (sentencepiece), so all rows compare."""
-    return m.get("word_ppl", m["ppl"])
+    return number(m.get("word_ppl", m["ppl"]))  # null in summary.json: diverged (inf)
 
 
 def collect_results(runs: Path) -> list[dict]:
@@ -1030,7 +1070,7 @@ def experiment_section(r: dict) -> str:
             m = s[mode]
             rel, tps, word = m.get("rel_change_vs_static"), m.get("tokens_per_s"), m.get("word_ppl")
             early = m.get("ppl_first100")
-            cells = [arm["name"], mode, f"{m['ppl']:.2f}", "" if word is None else f"{word:.2f}",
+            cells = [arm["name"], mode, f"{number(m['ppl']):.2f}", "" if word is None else f"{word:.2f}",
                      "" if rel is None else f"{100 * rel:+.2f}%", "" if early is None else f"{early:.2f}",
                      "" if tps is None else f"{tps:,.0f}",
                      f"{m['n_tokens']:,}", str(m["n_articles"])]
@@ -1094,8 +1134,8 @@ def readme_section(records: list[dict]) -> str:
 def compare_summaries(before: dict, after: dict, threads: tuple[int | None, int] | None = None) -> str:
     """Whether a redone evaluation reproduced the recorded perplexities; if not, by how much, and whether
     the torch thread count changed (it changes the order of floating-point sums, so the last bits)."""
-    old = {m: v["ppl"] for m, v in before.get("modes", {}).items()}
-    new = {m: v["ppl"] for m, v in after.get("modes", {}).items()}
+    old = {m: number(v["ppl"]) for m, v in before.get("modes", {}).items()}  # null: diverged (inf)
+    new = {m: number(v["ppl"]) for m, v in after.get("modes", {}).items()}
     if old == new:
         return f"reproduced the previous perplexities exactly: {', '.join(f'{m} {p:.4f}' for m, p in new.items())}"
 
@@ -1114,13 +1154,13 @@ def write_results(runs: Path, results_file: Path | None, readme: Path | None) ->
     records = collect_results(runs)
     if results_file:
         Path(results_file).parent.mkdir(parents=True, exist_ok=True)
-        Path(results_file).write_text(render_results(records))
+        Path(results_file).write_text(render_results(records), encoding="utf-8")
         print(f"results: {results_file} ({len(records)} experiment record(s) under {Path(runs, 'experiments')})")
     if readme and Path(readme).is_file():
-        text = Path(readme).read_text()
+        text = read_text(readme)
         pattern = re.compile(re.escape(README_BEGIN) + r".*?" + re.escape(README_END), re.S)
         if pattern.search(text):
-            Path(readme).write_text(pattern.sub(lambda _: readme_section(records), text, count=1))
+            Path(readme).write_text(pattern.sub(lambda _: readme_section(records), text, count=1), encoding="utf-8")
             print(f"results: updated the generated table in {readme}")
 
 
@@ -1151,7 +1191,7 @@ def only_modes(exp: Experiment, modes: list[str] | None) -> Experiment:
 
 def run_experiments(name: str | None, scale: str = "cpu", overrides: list[str] = (), data_dir: str | None = None,
                     dry_run: bool = False, results_only: bool = False, runs: Path = Path("runs"),
-                    results_file: Path | None = RESULTS_FILE, readme: Path | None = README_FILE,
+                    results_file: Path | None = None, readme: Path | None = None,
                     redo: list[str] = (), estimate: tuple[float, float] | None = None,
                     modes: list[str] | None = None) -> int:
     """`dynlm experiment`: plan (--dry-run), estimate the cost of (--estimate), or run one experiment, or

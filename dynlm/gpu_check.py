@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from .textio import number, read_json, read_text, write_json
+
 REPO = Path(__file__).resolve().parents[1]
 # each stage's share of the time left when it starts (a stage that ends early leaves more to the next);
 # SLACK of the budget is kept for start-up and the report
@@ -63,7 +65,7 @@ GPU_BENCH = ["--bench.memory_unrolls=[1,4,16]", "--bench.repeats=3"]
 def _run(cmd: list[str], timeout: float, log: Path, env: dict | None = None) -> dict:
     """Run a stage's subprocess with a hard time limit; its output goes to `log`."""
     start = time.perf_counter()
-    with open(log, "w") as f:
+    with open(log, "w", encoding="utf-8") as f:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
                                 env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1",
                                      "WANDB_MODE": "disabled", **(env or {})})
@@ -117,7 +119,7 @@ def stage_bench(device: torch.device, out: Path, budget: float, tiny: bool) -> d
                      *(TINY_BENCH if tiny else GPU_BENCH)), budget, out / "bench.log")
     result = {**r, "ok": r["rc"] == 0 and path.is_file()}
     if path.is_file():
-        bench = json.loads(path.read_text())
+        bench = read_json(path)
         result["bandwidth_gb_s"] = bench["settings"]["bandwidth_gb_s"]
         result["table"] = bench["table"]
         result["rows"] = {k: {f: v[f] for f in ("tokens_per_s", "of_bound", "vs_static_eval")}
@@ -134,7 +136,7 @@ def stage_pipeline(device: torch.device, out: Path, work: Path, budget: float, t
                   "--work", str(work), "--budget-s", str(budget), *(["--tiny"] if tiny else []),
                   *(["--data-dir", str(data_dir)] if data_dir else []))
     r = _run(cmd, budget + 30, out / "pipeline.log")  # the child keeps within `budget`; +30 s to write up
-    stages = json.loads(path.read_text()) if path.is_file() else {}
+    stages = read_json(path) if path.is_file() else {}
     ok = r["rc"] == 0 and all(stages.get(k, {}).get("ok") for k in ("train", "metatrain", "evaluate"))
     return {**r, "stages": stages, "ok": ok}
 
@@ -160,7 +162,7 @@ def stage_multi_gpu(out: Path, work: Path, budget: float) -> dict:
 def _last_metric(path: Path, key: str):
     value = None
     if path.is_file():
-        for line in path.read_text().splitlines():
+        for line in read_text(path).splitlines():
             row = json.loads(line)
             value = row.get(key, value)
     return value
@@ -169,7 +171,7 @@ def _last_metric(path: Path, key: str):
 def _metric_values(path: Path, key: str) -> list[float]:
     if not path.is_file():
         return []
-    return [row[key] for row in map(json.loads, path.read_text().splitlines()) if row.get(key) is not None]
+    return [row[key] for row in map(json.loads, read_text(path).splitlines()) if row.get(key) is not None]
 
 
 # ---- the pipeline, inside its own process ------------------------------------------------------
@@ -211,7 +213,7 @@ def pipeline_child(device: torch.device, out: Path, work: Path, budget: float, t
         if predicted:
             row["predicted"] = predicted
         report[name] = row
-        path.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(path, report)
         print(f"[gpu-check pipeline] {name}: {row}", flush=True)
 
     cfg = load_config([], base)
@@ -231,12 +233,12 @@ def pipeline_child(device: torch.device, out: Path, work: Path, budget: float, t
                        "--modes", MODES, *base], None, None, None)
     summary = eval_dir / "summary.json"
     if summary.is_file():
-        modes = json.loads(summary.read_text())["modes"]
-        report["evaluate"]["modes"] = {m: {"ppl": round(v["ppl"], 2), "tokens_per_s": v["tokens_per_s"]}
+        modes = read_json(summary)["modes"]
+        report["evaluate"]["modes"] = {m: {"ppl": round(number(v["ppl"]), 2), "tokens_per_s": v["tokens_per_s"]}
                                        for m, v in modes.items()}
         report["evaluate"]["ok"] = report["evaluate"]["ok"] and set(MODES.split(",")) <= set(modes)
     report["seconds"] = round(time.perf_counter() - start, 1)
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(path, report)
     return 0
 
 
@@ -288,7 +290,7 @@ def markdown(result: dict) -> str:
         if modes:
             lines += ["", "| mode | ppl (untuned, a few articles: a smoke test, not a result) | tokens/s |",
                       "|---|---:|---:|"]
-            lines += [f"| {m} | {v['ppl']:.2f} | {v['tokens_per_s'] or 0:,.0f} |" for m, v in modes.items()]
+            lines += [f"| {m} | {number(v['ppl']):.2f} | {v['tokens_per_s'] or 0:,.0f} |" for m, v in modes.items()]
     bench = result["stages"].get("bench", {})
     if bench.get("table"):
         lines += ["", "## dynlm bench", "", bench["table"]]
@@ -324,13 +326,13 @@ def run_gpu_check(device: str, out: Path, minutes: float, tiny: bool, data_dir: 
         print(f"[gpu-check] {name} (budget {stage_budget:.0f} s)", flush=True)
         result["stages"][name] = s = runners[name](stage_budget)
         print(f"[gpu-check] {name}: {'ok' if s.get('ok') else 'FAILED'} ({s.get('seconds', 0)} s)", flush=True)
-        (out / "gpu_check.json").write_text(json.dumps({**result, "ok": None}, indent=2) + "\n")  # partial
+        write_json(out / "gpu_check.json", {**result, "ok": None})  # partial
     if "multi_gpu" not in todo and (not only or "multi_gpu" in only):
         result["stages"]["multi_gpu"] = stage_multi_gpu(out, work, 0)  # fewer than 2 GPUs: says why it is skipped
     result["seconds"] = time.perf_counter() - start
     result["ok"] = all(s.get("ok") is not False for s in result["stages"].values())
-    (out / "gpu_check.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "gpu_check.md").write_text(markdown(result))
+    write_json(out / "gpu_check.json", result)
+    (out / "gpu_check.md").write_text(markdown(result), encoding="utf-8")
     print(markdown(result), flush=True)
     return result
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import html
 import math
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,9 +35,37 @@ import pyarrow.parquet as pq
 from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend, Agg canvas
 from matplotlib.ticker import MaxNLocator
 
-from .config import ConfigError, ReportConfig
+from .config import ReportConfig
 from .data.errors import DataError
 from .evaluate import perplexity
+from .textio import open_csv
+
+# One colour per adapting rule and the weights it rewrites, kept by name in every plot of every report
+# (matplotlib's colour cycle would give a mode the colour of its place in the list instead); `+cache`
+# keeps its mode's colour, dashed. Modes not named here get a colour of FALLBACK chosen by their name.
+MODE_COLORS = {
+    "learned": "#1f77b4", "learned@all": "#17becf",  # blues
+    "dyneval": "#d62728", "dyneval@all": "#d62728", "dyneval@lstm": "#ff7f0e",  # red (all weights), orange
+    "adam": "#9467bd", "adam@all": "#e377c2",  # purple, pink
+    "sgd": "#2ca02c", "sgd@all": "#bcbd22",  # greens
+    "cache": "#8c564b",  # brown: the cache on the static model
+}
+FALLBACK = ("#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#e6550d", "#31a354")
+COUNTS_COLOR = "0.55"  # the grey of "articles in bin"
+
+
+@dataclass(frozen=True)
+class ModeStyle:
+    color: str
+    linestyle: str  # "-", or "--" for MODE+cache
+
+
+def mode_style(mode: str) -> ModeStyle:
+    """How `mode` is drawn in every figure: its rule's colour (MODE_COLORS), dashed when it adds the cache."""
+    base = mode.removesuffix("+cache")
+    color = MODE_COLORS.get(base) or FALLBACK[zlib.crc32(base.encode()) % len(FALLBACK)]
+    return ModeStyle(color, "--" if base != mode else "-")
+
 
 BLUE = (37, 99, 235)  # the mode predicted this token better than static
 RED = (220, 38, 38)  # ... worse
@@ -129,7 +158,7 @@ def load_tokens(eval_dir: Path) -> TokenTable:
 def _titles(per_article_csv: Path) -> dict[str, str]:
     if not per_article_csv.is_file():
         return {}
-    with open(per_article_csv, newline="") as f:
+    with open_csv(per_article_csv) as f:
         return {r["article_id"]: r.get("title") or r["article_id"] for r in csv.DictReader(f)}
 
 
@@ -146,7 +175,7 @@ def per_article_results(eval_dir: Path, t: TokenTable) -> tuple[list[str], list[
     """per_article.csv as typed rows (for the wandb table); computed from the tokens if it is absent."""
     path = Path(eval_dir) / "per_article.csv"
     if path.is_file():
-        with open(path, newline="") as f:
+        with open_csv(path) as f:
             reader = csv.reader(f)
             columns = next(reader, [])
             text_cols = {i for i, c in enumerate(columns) if c in ("mode", "article_id", "title")}
@@ -287,25 +316,37 @@ def _letters(i: int) -> str:
 
 # --- figures -------------------------------------------------------------------------------------
 
+def _legend_below(fig: Figure, handles, labels) -> None:
+    """The legend under the axes, outside them, so it never covers a curve; as many columns as fit."""
+    fig.legend(handles, labels, loc="outside lower center", frameon=False, fontsize=9,
+               ncols=max(1, min(len(labels), 130 // (max(map(len, labels), default=0) + 6))))
+
+
 def plot_improvement(curve: dict, path: Path) -> Figure:
-    fig = Figure(figsize=(8, 4.5), dpi=110, layout="constrained")
+    fig = Figure(figsize=(8, 5), dpi=110, layout="constrained")
     ax = fig.add_subplot()
     x = np.asarray(curve["bin_start"]) + curve["bin_width"] / 2
     lo, hi = robust_limits(curve["improvement"].values())  # a bin of a few tokens must not set the scale
+    counts = ax.twinx()  # how many articles reach each bin: the tail is a few articles only
+    counts.step(x, curve["n_articles"], where="mid", color=COUNTS_COLOR, linewidth=1, label="articles in bin "
+                                                                                             "(right axis)")
+    counts.set_ylabel("articles in bin", color=COUNTS_COLOR)
+    counts.set_ylim(bottom=0)
+    counts.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_zorder(counts.get_zorder() + 1)  # the curves above the counts' steps
+    ax.patch.set_visible(False)
     ax.axhline(0, color="black", linewidth=0.8)
     for mode, y in curve["improvement"].items():
-        line, = ax.plot(x, y, marker="o", markersize=3)
-        line.set_label(_with_note(mode, _mark_off_scale(ax, x, y, lo, hi, line.get_color(), " nats")))
+        style = mode_style(mode)
+        line, = ax.plot(x, y, marker="o", markersize=3, color=style.color, linestyle=style.linestyle)
+        line.set_label(_with_note(mode, _mark_off_scale(ax, x, y, lo, hi, style.color, " nats")))
     ax.set_ylim(lo, hi)
     ax.set_xlabel(f"position in article (tokens, bins of {curve['bin_width']})")
     ax.set_ylabel("static NLL − mode NLL (nats/token)")
     ax.set_title("Loss improvement over static vs position (higher = mode better)")
-    counts = ax.twinx()  # how many articles reach each bin: the tail is a few articles only
-    counts.step(x, curve["n_articles"], where="mid", color="grey", alpha=0.35)
-    counts.set_ylabel("articles in bin", color="grey")
-    counts.set_ylim(bottom=0)
-    counts.yaxis.set_major_locator(MaxNLocator(integer=True))
-    counts.legend(*ax.get_legend_handles_labels(), loc="upper left")  # on the twin: drawn above its steps
+    handles, labels = ax.get_legend_handles_labels()
+    more, more_labels = counts.get_legend_handles_labels()
+    _legend_below(fig, handles + more, labels + more_labels)
     fig.savefig(path)
     return fig
 
@@ -348,45 +389,63 @@ def plot_stream(t: TokenTable, n_articles: int, window: int, path: Path) -> Figu
     ax.axhline(0, color="black", linewidth=0.8)
     x = np.arange(end)
     for mode, y in curves.items():
-        line, = ax.plot(x, y, linewidth=1)
-        line.set_label(_with_note(mode, _mark_off_scale(ax, x, y, lo, hi, line.get_color(), " nats")))
+        style = mode_style(mode)
+        line, = ax.plot(x, y, linewidth=1, color=style.color, linestyle=style.linestyle)
+        line.set_label(_with_note(mode, _mark_off_scale(ax, x, y, lo, hi, style.color, " nats")))
     ax.set_xlim(0, max(end, 1))
     ax.set_ylim(lo, hi)
     ax.set_xlabel("token in the stream of consecutive articles (A, B, …; dashed: article start)")
     ax.set_ylabel(f"static NLL − mode NLL (nats/token)\ntrailing mean over {window} tokens within the article")
     ax.set_title("Per-token loss improvement over static along the stream (higher = mode better)", pad=16)
-    handles, labels = ax.get_legend_handles_labels()  # below the axes, as many columns as fit
-    fig.legend(handles, labels, loc="outside lower center", frameon=False, fontsize=9,
-               ncols=max(1, min(len(labels), 130 // (max(map(len, labels), default=0) + 6))))
+    _legend_below(fig, *ax.get_legend_handles_labels())
     fig.savefig(path)
     return fig
 
 
+def bins_around_zero(lo: float, hi: float, n: int) -> np.ndarray:
+    """About `n` equal bins over [lo, hi], one of whose edges is 0: no bar straddles 'as good as static'."""
+    width = (hi - lo) / n if hi > lo else 1.0
+    first = math.floor(lo / width)
+    return width * np.arange(first, max(math.ceil(hi / width), first + 1) + 1)  # at least one bin
+
+
 def plot_histogram(t: TokenTable, path: Path) -> Figure:
+    """One small histogram per mode, stacked on a shared x-axis in the mode's colour (overlaid bars, even
+    translucent ones, mix into colours no legend has), with a triangle at its foot for every article."""
     changes = {m: 100 * per_article_rel_change(t, m) for m in t.modes}
     lo, hi = robust_limits(changes.values(), pad=0.0)  # one article a mode wrecked must not set the bins
-    edges = np.linspace(lo, hi, min(30, max(5, t.n_articles)) + 1)
-    fig = Figure(figsize=(8, 4.5), dpi=110, layout="constrained")
-    ax = fig.add_subplot()
-    for mode, v in changes.items():
+    edges = bins_around_zero(lo, hi, min(30, max(5, t.n_articles)))
+    fig = Figure(figsize=(8, 1.2 + 1.1 * len(changes)), dpi=110, layout="constrained")
+    axes = fig.subplots(len(changes), 1, sharex=True, sharey=True, squeeze=False)[:, 0]
+    for ax, (mode, v) in zip(axes, changes.items()):
+        style = mode_style(mode)
         on = (v >= lo) & (v <= hi)
         note = f"median {np.median(v):+.1f}%"
         for side, out, extreme in (("▲", v > hi, np.max), ("▼", v < lo, np.min)):  # ±inf: a diverged article
             if out.any():
                 note += f", {side}{int(out.sum())} off-scale to {_signed(extreme(v[out]), '%')}"
-        ax.hist(v[on], bins=edges, alpha=0.5, label=_with_note(mode, note))
-    ax.axvline(0, color="black", linewidth=0.8)
-    ax.set_xlabel("per-article perplexity change vs static (%; negative = mode better)")
-    ax.set_ylabel("articles")
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_title(f"Per-article relative perplexity change ({t.n_articles} articles)")
-    ax.legend()
+        ax.hist(v[on], bins=edges, color=style.color, edgecolor="white", linewidth=0.5,
+                hatch="//" if style.linestyle == "--" else None, label=_with_note(mode, note))
+        ax.plot(v[on], np.zeros(on.sum()), linestyle="none", marker="^", markersize=6, color="black",
+                alpha=0.6, markeredgewidth=0, clip_on=False, transform=ax.get_xaxis_transform(),
+                label="_articles")  # every article's own value: a few articles make coarse bins
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.text(0.01, 0.95, _with_note(mode, note), transform=ax.transAxes, va="top", ha="left", fontsize=9,
+                bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1})
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True, nbins=3))
+    tallest = max(np.histogram(v[(v >= lo) & (v <= hi)], bins=edges)[0].max() for v in changes.values())
+    axes[0].set_ylim(0, max(tallest, 1) * 1.45)  # shared: room for each panel's label above its bars
+    axes[-1].set_xlabel("per-article perplexity change vs static (%; negative = mode better; ▲ one article)")
+    fig.supylabel("articles", fontsize=10)
+    fig.suptitle(f"Per-article relative perplexity change ({t.n_articles} articles)")
     fig.savefig(path)
     return fig
 
 
 def plot_drift(drift_csv: Path, path: Path) -> Figure:
-    with open(drift_csv, newline="") as f:
+    """Mean (circles) and max (dotted, triangles) over streams of each adaptive mode's drift, in the
+    mode's colour; markers at the measurements, which are few on short articles."""
+    with open_csv(drift_csv) as f:
         rows = list(csv.DictReader(f))
     series = {}  # mode -> (tokens read, mean drift, max drift)
     for mode in dict.fromkeys(r["mode"] for r in rows):
@@ -394,19 +453,21 @@ def plot_drift(drift_csv: Path, path: Path) -> Figure:
         series[mode] = tuple(np.array([float(r[c]) for r in mine])
                              for c in ("tokens_read", "drift_mean", "drift_max"))
     lo, hi = robust_limits([y for _, mean, mx in series.values() for y in (mean, mx)])
-    fig = Figure(figsize=(8, 4.5), dpi=110, layout="constrained")
+    fig = Figure(figsize=(8, 5), dpi=110, layout="constrained")
     ax = fig.add_subplot()
     for mode, (xs, mean, mx) in series.items():
-        line, = ax.plot(xs, mean)
-        c = line.get_color()
-        line.set_label(_with_note(f"{mode}, mean over streams", _mark_off_scale(ax, xs, mean, lo, hi, c)))
-        ax.plot(xs, mx, linestyle=":", color=c,
+        style = mode_style(mode)
+        c = style.color
+        face = "white" if style.linestyle == "--" else c  # MODE+cache: MODE's colour, dashed, hollow markers
+        ax.plot(xs, mean, color=c, linestyle=style.linestyle, marker="o", markersize=4, markerfacecolor=face,
+                label=_with_note(f"{mode}, mean over streams", _mark_off_scale(ax, xs, mean, lo, hi, c)))
+        ax.plot(xs, mx, linestyle=":", color=c, marker="^", markersize=4, markerfacecolor=face,
                 label=_with_note(f"{mode}, max over streams", _mark_off_scale(ax, xs, mx, lo, hi, c)))
     ax.set_ylim(lo, hi)
     ax.set_xlabel("tokens read")
     ax.set_ylabel("||theta - theta0|| / ||theta0||")
-    ax.set_title("Weight drift of the adapted LSTM weights while reading")
-    ax.legend()
+    ax.set_title("Weight drift of the adapted weights while reading")
+    _legend_below(fig, *ax.get_legend_handles_labels())
     fig.savefig(path)
     return fig
 
@@ -470,6 +531,12 @@ def _article_html(t: TokenTable, a: int, mode: str | None, cfg: ReportConfig) ->
             f'<span class="meta">({meta})</span></h3>\n<p class="tokens">{"".join(spans)}</p></article>')
 
 
+def most_improved(t: TokenTable) -> str:
+    """The mode with the largest mean improvement over static per token (non-finite ones last)."""
+    gain = {m: float(np.mean(t.improvement(m))) for m in t.modes}
+    return max(t.modes, key=lambda m: gain[m] if math.isfinite(gain[m]) else -math.inf)
+
+
 def render_heatmap(t: TokenTable, cfg: ReportConfig, path: Path) -> None:
     modes = t.modes
     legend = (f'<p class="legend">Each token is coloured by static NLL − mode NLL: '
@@ -492,8 +559,9 @@ def render_heatmap(t: TokenTable, cfg: ReportConfig, path: Path) -> None:
                              f'#pick-{i}:checked~.picker label[for="pick-{i}"]{{background:#dbeafe}}'
                              for i in range(len(modes))))
         parts += ["</style></head><body>", "<h1>Per-token loss improvement over static</h1>", legend]
-        parts += [f'<input type="radio" name="mode" id="pick-{i}" hidden{" checked" if i == 0 else ""}>'
-                  for i in range(len(modes))]
+        first = most_improved(t)  # opens on a mode that changed something, not one that may be all white
+        parts += [f'<input type="radio" name="mode" id="pick-{i}" hidden{" checked" if m == first else ""}>'
+                  for i, m in enumerate(modes)]
         parts.append('<div class="picker">Mode: ' + "".join(
             f'<label for="pick-{i}">{html.escape(m)}</label>' for i, m in enumerate(modes)) + "</div>")
         for i, mode in enumerate(modes):
@@ -506,23 +574,9 @@ def render_heatmap(t: TokenTable, cfg: ReportConfig, path: Path) -> None:
 
 # --- entry points --------------------------------------------------------------------------------
 
-def check_config(cfg: ReportConfig) -> None:
-    positive = ["bin_width", "stream_articles", "smooth_window", "html_max_tokens"]
-    bad = [f"report.{k}={getattr(cfg, k)!r}" for k in positive if getattr(cfg, k) < 1]
-    if cfg.html_articles < 0:
-        bad.append(f"report.html_articles={cfg.html_articles!r}")
-    if not cfg.color_scale > 0:
-        bad.append(f"report.color_scale={cfg.color_scale!r}")
-    if bad:
-        raise ConfigError(f"invalid report setting(s) {bad}: counts must be >= 1 "
-                          f"(html_articles >= 0) and color_scale > 0")
-    if cfg.html_select not in ("first", "gain"):
-        raise ConfigError(f"report.html_select={cfg.html_select!r}; expected first or gain")
-
-
 def write_curve_csv(curve: dict, path: Path) -> None:
     modes = list(curve["improvement"])
-    with open(path, "w", newline="") as f:
+    with open_csv(path, "w") as f:
         w = csv.writer(f)
         w.writerow(["bin_start", "bin_end", "n_tokens", "n_articles", *modes])
         for k, start in enumerate(curve["bin_start"]):
@@ -532,8 +586,7 @@ def write_curve_csv(curve: dict, path: Path) -> None:
 
 def render_report(eval_dir: Path, cfg: ReportConfig | None = None) -> Report:
     """Write the report files into `eval_dir`; return what was written (for the trackers)."""
-    cfg = cfg or ReportConfig()
-    check_config(cfg)
+    cfg = cfg or ReportConfig()  # its values were checked when it was built (config.py)
     eval_dir = Path(eval_dir)
     t = load_tokens(eval_dir)
     report = Report(eval_dir, t.modes, per_article=per_article_results(eval_dir, t))

@@ -13,16 +13,16 @@ import numpy as np
 import torch
 
 from .cache import CacheSettings
-from .checkpoint import CheckpointError, save_checkpoint
-from .config import Config, ConfigError, save_config, to_dict
+from .checkpoint import CheckpointError, check_model_matches, save_checkpoint
+from .config import Config, ConfigError, DataConfig, check_rule_layers, load_config, save_config, to_dict
+from .data.errors import DataError
 from .data.sources import load_articles
 from .data.tokenizers import load_tokenizer
 from .device import resolve_device
 from .evaluate import TokenScores, markdown_table, score, write_results
 from .model import LSTMLM
-from .report import check_config, log_report, render_report
+from .report import log_report, render_report
 from .rules import adapted_names, compute_grad_rms, make_rule
-from .rules.dyneval import GRAD_STATS
 from .data.streams import StreamLayout
 from .modes import Mode, parse_modes, protocol_of, tuned_keys
 from .tracking import Tracker
@@ -47,21 +47,10 @@ def tokenizer_for(ckpt_path: Path, ck: dict):
 
 
 def check_modes(modes: list[str], cfg: Config) -> list[Mode]:
-    """Parse the modes and fail on bad names or cache settings before any (long) scoring starts."""
-    parsed = parse_modes(modes)
-    if any(m.cache for m in parsed):
-        CacheSettings.from_config(cfg.rule)
-    for m in parsed:
-        if m.adapts:
-            adapted_names_check(cfg, m)
-    return parsed
-
-
-def adapted_names_check(cfg: Config, mode: Mode) -> None:
-    weights = mode.weights or (cfg.rule.dyneval_weights if mode.rule == "dyneval" else cfg.rule.weights)
-    if weights not in ("lstm", "all"):
-        key = "rule.dyneval_weights" if mode.rule == "dyneval" else "rule.weights"
-        raise ConfigError(f"{key}={weights!r}; valid: lstm, all")
+    """Parse the modes and fail on bad names, or on rule.layers the model lacks, before any (long) scoring
+    starts (every other rule and cache setting was checked when the config was built)."""
+    check_rule_layers(cfg)
+    return parse_modes(modes)
 
 
 def params_fingerprint(params) -> str:
@@ -74,7 +63,19 @@ def params_fingerprint(params) -> str:
     return h.hexdigest()
 
 
-def grad_rms_for(run_dir: Path, lm, params, cfg: Config, tok, device) -> dict:
+def model_training_data(ck: dict, cfg: Config) -> DataConfig:
+    """The text the checkpoint's model was trained on, for dyneval's MS (a statistic of the training
+    text, as in Krause et al.): scoring other text (`--data.source=text --data.path=mine`) must neither
+    change MS nor need that text's training split, and MS computed once (RUN/grad_rms/) is found again
+    under the recorded settings even where the recorded path does not resolve. The current data
+    settings instead when they name the same kind of corpus elsewhere (moved: --data.path again)."""
+    own = dataclasses.replace(load_config(base=ck["config"]).data, cache_dir=cfg.data.cache_dir)
+    moved = (own.source == cfg.data.source and own.source in ("wikitext", "text", "jsonl")
+             and own.path != cfg.data.path and not Path(own.path).exists())
+    return cfg.data if moved else own
+
+
+def grad_rms_for(run_dir: Path, lm, params, cfg: Config, tok, device, train_data: DataConfig | None = None) -> dict:
     """dyneval's MS (compute_grad_rms) at the evaluation segment length, for every weight (dyneval on the
     LSTM weights alone takes its subset, so `dyneval` and `dyneval@lstm` share one file), computed once
     and kept in RUN/grad_rms/ under a key of everything it depends on.
@@ -82,15 +83,13 @@ def grad_rms_for(run_dir: Path, lm, params, cfg: Config, tok, device) -> dict:
     rule.grad_stat=batch (Krause et al.'s gradstat): the gradient of the mean loss over
     rule.grad_stat_streams training streams, read continuously with the shared weights; stream: of each
     stream's own loss over eval.batch_size streams, with eval.boundary. rule.grad_rms_chunks segments
-    (chunks of the layout), 0 for the whole training split."""
+    (chunks of the layout), 0 for the whole training split; of `train_data` (model_training_data), or of
+    cfg.data."""
     e, r = cfg.eval, cfg.rule
-    if r.grad_stat not in GRAD_STATS:
-        raise ConfigError(f"rule.grad_stat={r.grad_stat!r}; valid: {', '.join(GRAD_STATS)}")
-    if r.grad_stat == "batch" and r.grad_stat_streams < 1:
-        raise ConfigError(f"rule.grad_stat_streams must be >= 1, got {r.grad_stat_streams}")
     names = list(params)
     streams, boundary = (r.grad_stat_streams, "continuous") if r.grad_stat == "batch" else (e.batch_size, e.boundary)
-    data = {k: v for k, v in to_dict(cfg.data).items() if k != "cache_dir"}  # which training text
+    train_data = train_data or cfg.data
+    data = {k: v for k, v in to_dict(train_data).items() if k != "cache_dir"}  # which training text
     key = {"stat": r.grad_stat, "params_sha1": params_fingerprint(params), "segment_length": e.segment_length,
            "streams": streams, "chunks": r.grad_rms_chunks, "boundary": boundary, "names": names,
            "data": json.dumps(data, sort_keys=True)}
@@ -101,8 +100,13 @@ def grad_rms_for(run_dir: Path, lm, params, cfg: Config, tok, device) -> dict:
         if saved.get("key") == key:
             print(f"dyneval gradient RMS: loaded {path}")
             return saved["ms"]
-    layout = StreamLayout(load_articles(cfg.data, "train", tok), streams, e.segment_length, tok.eos_id,
-                          pad_articles=boundary == "reset")
+    try:
+        train = load_articles(train_data, "train", tok)
+    except DataError as err:
+        raise DataError(f"dyneval's gradient statistics (MS) are computed once per model from its training text "
+                        f"(data.source={train_data.source}, data.path={train_data.path!r} as its checkpoint "
+                        f"records them), which is not readable from here: {err}") from None
+    layout = StreamLayout(train, streams, e.segment_length, tok.eos_id, pad_articles=boundary == "reset")
     n_chunks = len(layout) if r.grad_rms_chunks <= 0 else min(r.grad_rms_chunks, len(layout))
     print(f"dyneval gradient RMS ({r.grad_stat} statistic): {n_chunks} training segments of {layout.n_streams} "
           f"streams x {e.segment_length} tokens")
@@ -220,20 +224,42 @@ def print_settings(settings: dict[str, dict[str, tuple]], cfg: Config, tuned: di
         print(f"warning: tuned on text this evaluation scores: {overlap}", file=sys.stderr)
 
 
+UNK_WARN = 0.10  # a higher share of <unk> targets makes perplexities hard to compare (WikiText-2 valid: 5.4%)
+
+
+def unknown_tokens(articles, tok) -> dict:
+    """How many scored tokens are <unk>: words outside the model's vocabulary, all predicted as one
+    type, which flatters perplexity the more of them there are."""
+    n = sum(len(a) for a in articles)
+    n_unk = int(sum(int((a.ids == tok.unk_id).sum()) for a in articles))
+    return {"n_unk": n_unk, "unk_rate": n_unk / n if n else 0.0}
+
+
+def unknown_note(unknown: dict, tok, source: str) -> str:
+    """The stdout line on <unk> tokens; a warning on stderr as well when they are many."""
+    rate = unknown["unk_rate"]
+    note = (f"unknown tokens: {100 * rate:.1f}% of the scored tokens ({unknown['n_unk']:,}) are <unk>, outside "
+            f"the model's {tok.vocab_size:,}-type vocabulary")
+    if rate > UNK_WARN:
+        hint = (" (the word tokenizer splits on spaces only: separate punctuation from words, as WikiText "
+                "does, e.g. 'word ,' not 'word,')" if tok.kind == "word" and source in ("text", "jsonl") else "")
+        print(f"warning: {100 * rate:.1f}% of the scored tokens are <unk>: their perplexity is not comparable "
+              f"with text the vocabulary covers{hint}", file=sys.stderr)
+    return note
+
+
 def evaluate_checkpoint(ck: dict, ckpt_path: Path, cfg: Config, split: str, modes: list[str], out: Path,
                         tuned: dict | None = None) -> dict:
     """tuned: the tuned values per mode this evaluation runs with (see mode_settings; recorded in
     summary.json)."""
+    check_model_matches(ck, cfg, ckpt_path)
     parsed = check_modes(modes, cfg)
     if not any(m.name == "static" for m in parsed):  # every change is measured against the static model
         print("note: mode static added: every mode's change is measured against it")
         parsed = [Mode("static"), *parsed]
-    check_config(cfg.report)  # fail before the (long) scoring, not after it
     device = resolve_device(cfg.train.device)
     tok = tokenizer_for(ckpt_path, ck)
     articles = load_articles(cfg.data, split, tok)
-    if cfg.eval.max_articles < 0:
-        raise ConfigError(f"eval.max_articles must be >= 0 (0 = all), got {cfg.eval.max_articles}")
     articles = articles[: cfg.eval.max_articles] if cfg.eval.max_articles else articles
     if cfg.eval.boundary == "continuous" and 1 < len(articles) <= cfg.eval.batch_size:
         # each stream would read a single article: continuous reading that never crosses a boundary
@@ -246,8 +272,8 @@ def evaluate_checkpoint(ck: dict, ckpt_path: Path, cfg: Config, split: str, mode
         raise ConfigError(f"{ckpt_path}: mode 'learned' needs a checkpoint written by `dynlm metatrain`")
     runs = {m.name: (m, *mode_settings(m, cfg, tuned)) for m in parsed}
     print_settings({name: values for name, (_, _, values) in runs.items()}, cfg, tuned)
-    ms = grad_rms_for(run_dir_of(ckpt_path), lm, params, cfg, tok, device) if any(m.rule == "dyneval" for m in parsed) \
-        else None
+    ms = (grad_rms_for(run_dir_of(ckpt_path), lm, params, cfg, tok, device, model_training_data(ck, cfg))
+          if any(m.rule == "dyneval" for m in parsed) else None)
     done = ModeScoresCache(out / ".modes", params, ck.get("learner"), split)
     results = {}
     for name, (m, mode_cfg, _) in runs.items():  # each mode kept as it finishes: an interrupted run resumes
@@ -258,7 +284,8 @@ def evaluate_checkpoint(ck: dict, ckpt_path: Path, cfg: Config, split: str, mode
             done.save(m, mode_cfg, results[name])
         else:
             print(f"{name}: scores of an earlier, interrupted run of this evaluation reused ({done.path(m)})")
-    extra = {"protocol": protocol_of(cfg.eval), "checkpoint": str(ckpt_path), "split": split,
+    unknown = unknown_tokens(articles, tok)
+    extra = {"protocol": protocol_of(cfg.eval), "checkpoint": str(ckpt_path), "split": split, **unknown,
              "eval": to_dict(cfg.eval), "code": code_digest()[:12],
              "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
              "settings": {name: {k: {"value": v, "source": src} for k, (v, src) in values.items()}
@@ -272,6 +299,7 @@ def evaluate_checkpoint(ck: dict, ckpt_path: Path, cfg: Config, split: str, mode
     print(f"\n{split}: {len(articles)} articles, {sum(len(a) for a in articles):,} tokens, protocol "
           f"{protocol_of(cfg.eval)}  ->  {out}")
     print(markdown_table(summary))
+    print(unknown_note(unknown, tok, cfg.data.source))
     report = render_report(out, cfg.report)
     print(f"report: {report.message}; {', '.join(p.name for p in report.files.values())}")
     with Tracker(cfg.log, out, to_dict(cfg), job_type="evaluate") as tracker:

@@ -5,13 +5,14 @@ warning and the run carries on with the local logs, so a broken tracker never ki
 """
 from __future__ import annotations
 
-import json
 import math
 import netrc
 import os
 import time
 import warnings
 from pathlib import Path
+
+from .textio import dumps, read_json, read_text, write_json
 
 
 def resolve_wandb_mode(mode: str) -> str:
@@ -55,7 +56,7 @@ class Tracker:
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(self.run_dir / "metrics.jsonl", "a")
+        self._jsonl = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
         mode = resolve_wandb_mode(getattr(log_cfg, "wandb_mode", "auto"))
         if mode == "disabled":
             return
@@ -100,7 +101,7 @@ class Tracker:
             return
         metrics = {k: _jsonable(v) for k, v in metrics.items()}
         rec = {"step": step, "time": round(time.time() - self._t0, 3), **metrics}
-        self._jsonl.write(json.dumps(rec) + "\n")
+        self._jsonl.write(dumps(rec) + "\n")  # strict JSON: a NaN/inf loss is null
         self._jsonl.flush()  # a crashed run still leaves its curve behind
         if echo:
             head = f"[step {step}] " if step is not None else ""
@@ -116,7 +117,7 @@ class Tracker:
     def log_html(self, key: str, path) -> None:
         if self.enabled:
             self._call("log_html", lambda: self.run.log(
-                {key: self._wandb.Html(Path(path).read_text(), inject=False, data_is_not_path=True)}))
+                {key: self._wandb.Html(read_text(path), inject=False, data_is_not_path=True)}))
 
     def log_image(self, key: str, path) -> None:
         if self.enabled:
@@ -145,8 +146,8 @@ class Tracker:
             return
         d = {k: _jsonable(v) for k, v in d.items()}
         f = self.run_dir / "summary_metrics.json"
-        old = json.loads(f.read_text()) if f.exists() else {}
-        f.write_text(json.dumps({**old, **d}, indent=2))
+        old = read_json(f) if f.exists() else {}
+        write_json(f, {**old, **d})  # strict JSON: a non-finite value (no validation yet: inf) is null
         self._call("summary", lambda: self.run.summary.update(d))
 
     def finish(self, exit_code: int = 0) -> None:

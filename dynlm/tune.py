@@ -29,16 +29,18 @@ from pathlib import Path
 from typing import Callable
 
 import yaml
-from tqdm.auto import tqdm
 
-from .config import Config, ConfigError, to_dict
+from .config import Config, ConfigError, load_yaml, to_dict
 from .data.sources import load_articles
+from .textio import number, open_csv, read_json, write_json
 from .device import resolve_device
 from .evaluate import perplexity
 from .model import LSTMLM
+from .progress import progress
 from .modes import CACHE_KEYS, RULE_KEYS, Mode, parse_modes, protocol_of, protocol_slug, tuned_keys
-from .checkpoint import load_checkpoint
-from .run_eval import check_modes, grad_rms_for, params_fingerprint, run_dir_of, score_mode, tokenizer_for
+from .checkpoint import check_model_matches, load_checkpoint
+from .run_eval import (check_modes, grad_rms_for, model_training_data, params_fingerprint, run_dir_of, score_mode,
+                       tokenizer_for)
 from .tracking import Tracker
 
 PER_UPDATE = {"sgd_lr", "dyneval_lr", "dyneval_lamb", "adam_lr", "adam_decay"}  # per update: scaled with the segment length
@@ -46,19 +48,12 @@ TUNABLE = {k for keys in RULE_KEYS.values() for k in keys} | set(CACHE_KEYS)  # 
 UPPER_BOUND = {"cache_lambda": 1.0, "adam_decay": 1.0}  # exclusive bounds a grid may not be extended across
 
 
-ZERO_OK = {"dyneval_lamb", "adam_decay"}  # 0 = no decay towards theta0: a bound of the axis, not an edge
-
-
 def _round(x: float) -> float:
     return float(f"{x:.6g}")  # 3e-5 * 7 -> 0.00021, not 0.00021000000000000001
 
 
 def initial_grid(cfg: Config, axis: str) -> list[float]:
-    values = getattr(cfg.tune, axis)
-    lowest = 0.0 if axis in ZERO_OK else None  # a decay may be off; a rate may not
-    if not values or any(not (v > 0 or (lowest is not None and v == lowest)) for v in values):
-        kind = "non-negative" if lowest is not None else "positive"
-        raise ConfigError(f"tune.{axis} must be a non-empty list of {kind} values, got {values}")
+    values = getattr(cfg.tune, axis)  # non-empty, positive; a decay's may start at 0 (config.py)
     scale = cfg.eval.segment_length / cfg.tune.reference_segment_length if axis in PER_UPDATE else 1.0
     return sorted({_round(v * scale) for v in values})
 
@@ -81,7 +76,7 @@ def grid_search(grids: dict[str, list[float]], evaluate: Callable[[dict], float]
     values: dict[tuple, float] = {}
     for round_ in range(max_extensions + 1):
         todo = [p for p in itertools.product(*grids.values()) if p not in values]
-        for point in tqdm(todo, desc=desc, leave=False):
+        for point in progress(todo, desc=desc, leave=False):
             v = evaluate(dict(zip(axes, point)))
             values[point] = v if math.isfinite(v) else math.inf  # a diverging setting just loses
         best = min(values, key=values.get)
@@ -119,10 +114,7 @@ LEGACY_MODE = {"sgd_lr": "sgd", "dyneval_lr": "dyneval", "dyneval_lamb": "dyneva
 def read_tuned(path: Path) -> dict[str, dict[str, float]]:
     """RUN/tuned.yaml as {mode name: {rule key: value}}; a malformed file is a clear error. A file of
     the earlier flat format (one `rule:` section) is read as the values of sgd, dyneval and cache."""
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    data = load_yaml(path)[0] or {}  # UTF-8, 1e-3 a number, a repeated key an error naming its line
     if isinstance(data, dict) and set(data) == {"rule"} and isinstance(data["rule"], dict):
         modes: dict[str, dict[str, float]] = {}
         for k, v in data["rule"].items():
@@ -145,7 +137,10 @@ def read_tuned(path: Path) -> dict[str, dict[str, float]]:
 def read_provenance(path: Path) -> dict[str, dict]:
     """Where each mode of RUN/tuned_PROTOCOL.yaml was tuned: {mode: {split, skip_articles, n_articles,
     n_tokens, weights}} (empty for files written before it was recorded)."""
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    try:
+        data = load_yaml(path)[0] or {}
+    except ConfigError:
+        return {}
     prov = data.get("provenance") if isinstance(data, dict) else None
     return prov if isinstance(prov, dict) else {}
 
@@ -157,7 +152,8 @@ def write_tuned(path: Path, best: dict[str, dict[str, float]], header: str,
     modes = (read_tuned(path) if path.exists() else {}) | best
     prov = (read_provenance(path) if path.exists() else {}) | {m: provenance for m in best if provenance}
     tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(header + yaml.safe_dump({"modes": modes, "provenance": prov}, sort_keys=True))
+    tmp.write_text(header + yaml.safe_dump({"modes": modes, "provenance": prov}, sort_keys=True, allow_unicode=True),
+                   encoding="utf-8")
     tmp.replace(path)  # never a half-written file
     return modes
 
@@ -199,10 +195,7 @@ def tuning_articles(articles: list, skip: int, n_articles: int, min_tokens: int)
 def mode_grids(mode: Mode, cfg: Config) -> dict[str, list[float]]:
     """The axes `dynlm tune` searches for `mode` (a `+cache` mode: tune.combo_axes only)."""
     keys = tuned_keys(mode)
-    if mode.cache and mode.adapts:
-        bad = sorted(set(cfg.tune.combo_axes) - set(CACHE_KEYS))
-        if bad:
-            raise ConfigError(f"tune.combo_axes may name {list(CACHE_KEYS)}, got {bad}")
+    if mode.cache and mode.adapts:  # combo_axes are cache keys (config.py)
         keys = tuple(cfg.tune.combo_axes)
     return {a: initial_grid(cfg, a) for a in keys}
 
@@ -217,6 +210,7 @@ def tune_checkpoint(ck: dict, ckpt_path: Path, cfg: Config, modes: list[str], sp
     """Grid-search each mode in `modes` on validation articles after the first `skip` (`n_articles` of
     them, or 0: as many as tune.tokens needs); write RUN/tuned.yaml. `learned+cache` reads the learner
     from `learner_state` (or from `ck` when it is a meta checkpoint)."""
+    check_model_matches(ck, cfg, ckpt_path)
     parsed = tune_order(check_modes(modes, cfg))
     untunable = [m.name for m in parsed if not tuned_keys(m)]
     if untunable:
@@ -238,7 +232,8 @@ def tune_checkpoint(ck: dict, ckpt_path: Path, cfg: Config, modes: list[str], sp
               f"{cfg.tune.tokens:,}: the split has no more", flush=True)
     lm = LSTMLM(cfg.model, tok.vocab_size)
     params = {k: v.to(device) for k, v in ck["params"].items()}
-    ms = grad_rms_for(run_dir, lm, params, cfg, tok, device) if any(m.rule == "dyneval" for m in parsed) else None
+    ms = (grad_rms_for(run_dir, lm, params, cfg, tok, device, model_training_data(ck, cfg))
+          if any(m.rule == "dyneval" for m in parsed) else None)
     path = tuned_path(ckpt_path, cfg)
     earlier = read_tuned(path) if path.exists() else {}
 
@@ -322,14 +317,15 @@ def _with_earlier_modes(path: Path, rows: list[dict], result: dict) -> tuple[lis
     if not path.exists():
         return rows, result
     try:
-        old = json.loads(path.read_text())
+        old = read_json(path)
     except (OSError, ValueError):
         return rows, result
     same = all(old.get(k) == result[k] for k in ("checkpoint", "split", "skip_articles", "n_articles", "n_tokens"))
     if not same:
         return rows, result
     now = set(result["best"])
-    kept = [r for r in old.get("grid", []) if r["mode"] not in now and r["mode"] != "static"]
+    kept = [{**r, "ppl": number(r["ppl"])} for r in old.get("grid", [])  # null: it diverged (inf)
+            if r["mode"] not in now and r["mode"] != "static"]
     merged = dict(result)
     for k in ("best", "fixed", "extended", "on_edge"):
         merged[k] = {**{m: v for m, v in old.get(k, {}).items() if m not in now}, **result[k]}
@@ -340,11 +336,11 @@ def _with_earlier_modes(path: Path, rows: list[dict], result: dict) -> tuple[lis
 
 def _write_grid(out: Path, rows: list[dict], result: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "grid.csv", "w", newline="") as f:
+    with open_csv(out / "grid.csv", "w") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    (out / "tune.json").write_text(json.dumps(result, indent=2))
+    write_json(out / "tune.json", result)  # strict JSON: a diverged grid point's ppl (inf) is null
 
 
 def grid_table(rows: list[dict], static_ppl: float) -> str:
@@ -362,8 +358,8 @@ def explicit_rule_keys(files, overrides) -> set[str]:
             if o.lstrip("-").startswith("rule.")}
     for path in files:
         try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError):
+            data = load_yaml(path)[0] or {}
+        except ConfigError:
             continue
         if isinstance(data, dict) and isinstance(data.get("rule"), dict):
             keys |= set(data["rule"])
@@ -387,7 +383,7 @@ def tuned_in_effect(path: Path, ckpt_path: Path, cfg: Config, explicit=(), score
     if not prov:  # written before provenance was recorded per mode: the last tuning's text stands for all
         tune_info = tune_dir(ckpt_path, cfg) / "tune.json"
         if tune_info.exists():
-            t = json.loads(tune_info.read_text())
+            t = read_json(tune_info)
             prov = {m: t for m in modes}
     on = {m: {k: p.get(k) for k in ("split", "skip_articles", "n_articles", "n_tokens")} for m, p in prov.items()}
     if on:
@@ -416,7 +412,7 @@ def tuned_conditions_warning(ckpt_path: Path, cfg: Config) -> str | None:
     info = tune_dir(ckpt_path, cfg) / "tune.json"
     if not info.exists():
         return None
-    tuned = json.loads(info.read_text())
+    tuned = read_json(info)
     now = {"segment_length": cfg.eval.segment_length, "boundary": cfg.eval.boundary, "batch_size": cfg.eval.batch_size}
     diff = {k: (tuned.get(k), v) for k, v in now.items() if tuned.get(k) != v}
     if not diff:

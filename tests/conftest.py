@@ -38,3 +38,34 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# `torchrun` on a loaded 2-core machine: the two workers and the agent share the CPUs with whatever else
+# runs, so a run that takes 20 s when idle can take several times that. The timeout only catches a hang.
+TORCHRUN_TIMEOUT_S = float(os.environ.get("DYNLM_TORCHRUN_TIMEOUT_S", 1800))
+
+
+def run_torchrun(args: list[str], log_dir, nproc: int = 2) -> str:
+    """`python -m dynlm ARGS` in `nproc` gloo processes (torchrun --standalone: free ports, no fixed 29500).
+    Each rank writes its own log files under `log_dir`, read back whole once the run is over: rank 0's
+    stdout is returned, and a failure shows every rank's stderr, so the rank that failed first is seen
+    (the combined output ends with the other rank's "Connection closed by peer")."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    log_dir = Path(log_dir)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                        "--log-dir", str(log_dir), "--redirects", "3", "-m", "dynlm", *args],
+                       env=env, cwd=REPO, capture_output=True, text=True, timeout=TORCHRUN_TIMEOUT_S)
+    logs = {int(d.name): d for d in log_dir.glob("*/attempt_*/*") if d.name.isdigit()}
+
+    def read(rank: int, name: str) -> str:
+        f = logs[rank] / name if rank in logs else None
+        return f.read_text(encoding="utf-8", errors="replace") if f and f.is_file() else ""
+
+    if p.returncode != 0:
+        ranks = "\n".join(f"--- rank {r} stderr ---\n{read(r, 'stderr.log')[-4000:]}" for r in sorted(logs))
+        pytest.fail(f"torchrun exited {p.returncode}\n{ranks}\n--- torchrun ---\n{p.stderr[-2000:]}", pytrace=False)
+    return read(0, "stdout.log")

@@ -86,7 +86,7 @@ def test_bench_writes_every_ratio_and_memory_row(tmp_path, capsys):
 
 def test_bench_bad_config_exits_2(tmp_path, capsys):
     assert main(["bench", "--out", str(tmp_path / "b.json"), "--bench.repeats=0"]) == 2
-    assert "bench.repeats must be >= 1" in capsys.readouterr().err
+    assert "--bench.repeats: must be >= 1, got 0" in capsys.readouterr().err
     assert main(["bench", "--out", str(tmp_path / "b.json"), "--bench.precision=fp16"]) == 2
     assert main(["bench", "--out", str(tmp_path / "b.json"), "--device", "tpu"]) == 2
     assert not (tmp_path / "b.json").exists()

@@ -100,16 +100,35 @@ def test_hub_local_parquet(tmp_path):
 
 def test_text_dir(tmp_path):
     (tmp_path / "train" / "sub").mkdir(parents=True)
-    (tmp_path / "train" / "a.txt").write_text("\n First Title \nbody one two\n")
-    (tmp_path / "train" / "sub" / "b.txt").write_text("hello world\n")
+    (tmp_path / "train" / "a.txt").write_text("\n = First Title = \nbody one two\n")
+    (tmp_path / "train" / "sub" / "b_2.txt").write_text("A whole first paragraph that is not a title at all.\nmore\n")
     arts = load_raw_split(DataConfig(source="text", path=str(tmp_path)), "train")
-    assert [(a.id, a.title) for a in arts] == [("train/a.txt", "First Title"), ("train/sub/b.txt", "hello world")]
-    assert arts[0].lines == ("", " First Title ", "body one two")
+    # a WikiText heading is the title, else the file name, never the first paragraph (issue 17)
+    assert [(a.id, a.title) for a in arts] == [("train/a.txt", "First Title"), ("train/sub/b_2.txt", "b_2")]
+    assert arts[0].lines == ("", " = First Title = ", "body one two")
     with pytest.raises(DataError, match="valid"):
         load_raw_split(DataConfig(source="text", path=str(tmp_path)), "valid")
     (tmp_path / "train" / "c.txt").write_bytes(b"ok\n\xc3(\n")
     with pytest.raises(DataError, match=r"c\.txt.*byte offset 3"):
         load_raw_split(DataConfig(source="text", path=str(tmp_path)), "train")
+
+
+def test_text_layout_error_states_the_whole_layout_once(tmp_path):
+    """Issue 17: a flat folder of .txt files failed on train/, then on valid/, one folder at a time."""
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "essay.txt").write_text("some words\n")
+    with pytest.raises(DataError) as err:
+        load_raw_split(DataConfig(source="text", path=str(tmp_path / "mine")), "train")
+    msg = str(err.value)
+    assert "\n" not in msg and "has no train/ or valid/ or test/ folder; it holds 1 .txt file(s) directly" in msg
+    for split in ("train", "valid", "test"):
+        assert f"{tmp_path / 'mine' / split}/" in msg
+    assert "only the scored split" in msg and "--split test" in msg and "the file name is the title" in msg
+    (tmp_path / "mine" / "test").mkdir()
+    with pytest.raises(DataError, match=r"has no train/ or valid/ folder"):
+        load_raw_split(DataConfig(source="text", path=str(tmp_path / "mine")), "valid")
+    with pytest.raises(DataError, match="does not exist"):
+        load_raw_split(DataConfig(source="text", path=str(tmp_path / "nope")), "test")
 
 
 def test_jsonl(tmp_path):
@@ -128,9 +147,57 @@ def test_jsonl(tmp_path):
         load_raw_split(cfg, "test")
 
 
+@pytest.mark.parametrize("line,message", [
+    ('{"title": "B", "text": 5}', "'text' must be a string, got 5"),
+    ('{"title": "B"}', "no 'text' field"),
+    ('{"text": "x", "title": 3}', "'title' must be a string or null, got 3"),
+    ('{"text": "x", "id": true}', "'id' must be a string, an integer or null, got true"),
+    ('["text", "x"]', "expected a JSON object"),
+    ('{"text": "x",', "not valid JSON"),
+])
+def test_a_bad_jsonl_record_is_one_line_naming_the_file_and_line(tmp_path, line, message):
+    """Issue 16, kind 6: not an AttributeError deep in data/local.py."""
+    (tmp_path / "train.jsonl").write_text('{"title": "A", "text": "fine"}\n' + line + "\n", encoding="utf-8")
+    with pytest.raises(DataError) as e:
+        load_raw_split(DataConfig(source="jsonl", path=str(tmp_path)), "train")
+    assert f"train.jsonl, line 2: {message}" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_bad_record_from_the_command_line_touches_nothing(tmp_path, capsys):
+    from dynlm.cli import main
+
+    for split in ("train", "valid"):
+        (tmp_path / f"{split}.jsonl").write_text('{"title": "A", "text": "a b c"}\n{"title": "B", "text": 5}\n')
+    assert main(["train", "--out", str(tmp_path / "run"), "--data.source=jsonl", f"--data.path={tmp_path}",
+                 f"--data.cache_dir={tmp_path / 'cache'}", "--log.wandb_mode=disabled"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"dynlm train: error: {tmp_path / 'train.jsonl'}, line 2: 'text' must be a string, got 5"
+    assert not (tmp_path / "run").exists()
+
+
+def test_inputs_are_utf8_whatever_the_locale_and_a_byte_order_mark_is_not_text(tmp_path):
+    """Issue 16, kind 5 (the data side): a BOM at the start of a text, JSONL or WikiText file is dropped, and
+    byte offsets of bad UTF-8 still count it."""
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "cafe.txt").write_bytes(bom + " = Café = \nLe café est noir .\n".encode())
+    [art] = load_raw_split(DataConfig(source="text", path=str(tmp_path)), "train")  # a heading titles it (issue 17)
+    assert art.title == "Café" and art.lines[0] == " = Café = "  # with the BOM it would be the file name, cafe
+    (tmp_path / "train.jsonl").write_bytes(bom + '{"title": "Café", "text": "crème"}\n'.encode())
+    [art] = load_raw_split(DataConfig(source="jsonl", path=str(tmp_path / "train.jsonl")), "train")
+    assert (art.title, art.lines) == ("Café", ("crème",))
+    (tmp_path / "wt").mkdir()
+    (tmp_path / "wt" / "train.txt").write_bytes(bom + b" \n = Cafe = \n \n x \xc3( \n")
+    with pytest.raises(DataError, match=r"train\.txt: invalid UTF-8 at byte offset 21"):  # 3 of them the BOM
+        read_wikitext_dir(tmp_path / "wt", "train")
+    (tmp_path / "wt" / "train.txt").write_bytes(bom + " \n = Café = \n \n x \n".encode())
+    assert [a.title for a in read_wikitext_dir(tmp_path / "wt", "train")] == ["Café"]
+
+
 def test_unknown_source_and_split():
-    with pytest.raises(DataError, match="valid sources: synthetic, wikitext"):
-        load_raw_split(DataConfig(source="nope"), "train")
+    from dynlm.config import ConfigError
+    with pytest.raises(ConfigError, match="data.source: 'nope' is not one of synthetic, wikitext"):
+        DataConfig(source="nope")  # the choices are the field's, checked as the config is built
     with pytest.raises(DataError, match="valid splits"):
         load_raw_split(DataConfig(), "dev")
     assert len(load_raw_split(DataConfig(max_articles=3), "train")) == 3

@@ -4,6 +4,7 @@ import csv
 import json
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -289,9 +290,10 @@ def test_an_experiment_can_run_a_subset_of_its_modes_and_says_so(tmp_path, capsy
     assert set(summary["modes"]) == {"static", "dyneval", "cache"} and set(summary["tuned"]["modes"]) == {
         "dyneval", "cache"}
     results = (tmp_path / "RESULTS.md").read_text()
-    assert "Not run in this record (`--modes`): dyneval@lstm, dyneval+cache, adam, sgd, adam+cache, sgd+cache." in results
+    assert ("Not run in this record (`--modes`): learned, dyneval@lstm, learned+cache, dyneval+cache, adam, sgd, "
+            "adam+cache, sgd+cache.") in results  # krause has the learned modes too (e143bfa)
     assert "dynlm experiment krause --scale cpu --modes dyneval,cache" in results
-    assert main(["experiment", "krause", "--modes", "learned", *args]) == 2
+    assert main(["experiment", "krause", "--modes", "adam@all", *args]) == 2
     assert "not modes of experiment 'krause'" in capsys.readouterr().err
 
 
@@ -308,3 +310,38 @@ def test_a_subset_of_modes_keeps_the_experiments_protocol_and_tunes_parents_firs
     modes = yaml.safe_load(tuned.read_text())["modes"]
     assert {k: modes["dyneval+cache"][k] for k in ("dyneval_lr", "dyneval_lamb")} == modes["dyneval"]
     assert modes["dyneval+cache"]["cache_theta"] == modes["cache"]["cache_theta"]
+
+
+def test_experiment_rewrites_the_repositorys_files_only_from_its_root_or_when_asked(tmp_path, monkeypatch, capsys):
+    """Issue 17: run from another directory with --runs, the plan rewrote the installed repository's
+    README.md and experiments/RESULTS.md."""
+    from dynlm.experiments import generated_files
+    from dynlm.experiments_registry import README_FILE, REPO, RESULTS_FILE
+    monkeypatch.chdir(tmp_path)
+    assert generated_files(Path("runs"), None, None) == (None, None)
+    note = capsys.readouterr().out
+    assert "not rewriting" in note and "--results-file" in note
+    assert generated_files(Path("runs"), str(tmp_path / "R.md"), "") == (tmp_path / "R.md", None)  # asked
+    monkeypatch.chdir(REPO)
+    assert generated_files(Path("runs"), None, None) == (RESULTS_FILE, README_FILE)
+    assert generated_files(tmp_path / "runs", None, None) == (None, None)  # runs outside the repository
+    assert generated_files(Path("runs"), "", "") == (None, None)
+    monkeypatch.chdir(tmp_path)
+    before = RESULTS_FILE.read_bytes(), README_FILE.read_bytes()
+    assert main(["experiment", "--results", "--runs", str(tmp_path / "runs")]) == 0
+    assert (RESULTS_FILE.read_bytes(), README_FILE.read_bytes()) == before
+
+
+def test_missing_wikitext_is_said_by_the_dry_run_and_stops_the_real_run(tmp_path, monkeypatch, capsys):
+    """Issue 17: the CPU scale's ../shared/data/wikitext-2 is relative to the current directory; the dry
+    run did not notice it missing and the real run failed without naming the ways out."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["experiment", "1-level", "--dry-run", "--runs", "runs"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "warning: the WikiText data is not at data.path=../shared/data/wikitext-2" in out
+    assert "--data-dir DIR" in out and "--data.source=hub" in out and "next: dynlm experiment 1-level" in out
+    assert main(["experiment", "1-level", "--runs", "runs"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dynlm experiment: error: 1-level: the WikiText data is not at") and err.count("\n") == 1
+    assert "--data-dir" in err and "--data.source=hub" in err
+    assert not (tmp_path / "runs" / "experiments" / "cpu" / "static").exists()  # nothing started

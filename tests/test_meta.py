@@ -12,7 +12,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import REPO, TINY
+from conftest import REPO, TINY, run_torchrun
 from dynlm.checkpoint import load_checkpoint
 from dynlm.cli import main
 from dynlm.config import load_config
@@ -181,11 +181,7 @@ def test_two_gloo_processes_take_the_same_meta_step_as_one(base, cache_dir, tmp_
     args = [f"--data.cache_dir={cache_dir}", "--meta.steps=2", "--meta.checkpoint_every=1",
             *[f"--{o}" for o in META]]
     assert main(["metatrain", "--init", str(base), "--out", str(tmp_path / "one"), *args]) == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "-m", "dynlm", "metatrain", "--init", str(base), "--out", str(tmp_path / "two"), *args],
-                       env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    run_torchrun(["metatrain", "--init", str(base), "--out", str(tmp_path / "two"), *args], tmp_path / "logs")
     one = load_checkpoint(tmp_path / "one" / "checkpoints" / "last.pt")
     two = load_checkpoint(tmp_path / "two" / "checkpoints" / "last.pt")
     assert two["world_size"] == 2 and two["step"] == one["step"] == 2

@@ -109,6 +109,6 @@ def test_an_interrupted_evaluation_resumes_with_the_modes_it_had_scored(trained,
     assert "sgd: scores of an earlier, interrupted run of this evaluation reused" in capsys.readouterr().out
     assert {m: v["ppl"] for m, v in resumed.items()} == {m: v["ppl"] for m, v in whole.items()}
     assert not (out / ".modes").exists()
-    # other settings are another evaluation: nothing is reused
-    again = evaluate(run, cache, out, "static,sgd", "--rule.sgd_lr=0.1")["modes"]
+    # other settings are another evaluation: nothing is reused (and replacing the finished one is asked for)
+    again = evaluate(run, cache, out, "static,sgd", "--rule.sgd_lr=0.1", "--overwrite")["modes"]
     assert "reused" not in capsys.readouterr().out and again["sgd"]["ppl"] != whole["sgd"]["ppl"]

@@ -1,6 +1,7 @@
 """Issue 7 for `dynlm train`: nothing lost (SIGKILL/SIGTERM/SIGINT, corrupted or incompatible
 checkpoints), bad input gets a clear one-line error, NaN/inf never reaches the weights, and
 data-parallel training over torch.distributed (gloo on CPU) equals one process."""
+import csv
 import json
 import os
 import re
@@ -8,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +28,7 @@ from dynlm.faults import FaultGuard, NumericalFaultError
 from dynlm.model import LSTMLM
 from dynlm.signals import StopOnSignals
 
-from conftest import REPO, TINY
+from conftest import REPO, TINY, run_torchrun
 
 LONG = ["train.max_steps=40", "train.eval_every=10"]  # 4 rotating checkpoints, one epoch (~60 steps)
 
@@ -332,6 +334,70 @@ def test_articles_shorter_than_a_chunk_train_and_every_token_scored_once(tmp_pat
     assert len(tokens) == sum(len(a) for a in valid) == len(tokens.drop_duplicates(["article_id", "position"]))
 
 
+def test_sentencepiece_size_below_what_the_corpus_allows_says_the_smallest_and_builds_nothing(tmp_path, capsys):
+    """Issue 16, kind 3: not sentencepiece's raw RuntimeError, and no empty RUN/tokenizer/ left behind to
+    break the corrected rerun; the error says the size to use."""
+    run = tmp_path / "run"
+    overrides = TINY + [f"data.cache_dir={tmp_path / 'c'}", "data.tokenizer=sentencepiece"]
+    assert train(run, overrides + ["data.sp_vocab_size=5"]) == 2
+    err = error_line(capsys)
+    smallest = int(re.search(r"data\.sp_vocab_size=5 is below the smallest size this training text allows, (\d+)",
+                             err).group(1))
+    assert 5 < smallest < 100 and f"set data.sp_vocab_size={smallest} or more" in err
+    assert not run.exists() and not list(tmp_path.glob(".*tmp"))  # nothing half-built, no temp dirs
+    assert train(run, overrides + [f"data.sp_vocab_size={smallest}"]) == 0  # the corrected rerun just works
+    assert json.loads((run / "tokenizer" / "tokenizer.json").read_text())["vocab_size"] == smallest
+    big = tmp_path / "big"  # above what the text supports: fewer pieces, said once, not an error
+    assert train(big, overrides + ["data.sp_vocab_size=100000"]) == 0
+    assert "more than this training text supports; the tokenizer has" in capsys.readouterr().err
+
+
+def test_a_tokenizer_is_saved_whole_or_not_at_all(tmp_path, monkeypatch):
+    tok = WordTokenizer(["<eos>", "<unk>", "a"])
+
+    def fail(self, out):  # e.g. the disk fills up half-way
+        (out / "vocab.txt").write_text("<eos>\n")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(WordTokenizer, "_save", fail)
+    with pytest.raises(OSError):
+        tok.save(tmp_path / "tokenizer")
+    assert list(tmp_path.iterdir()) == []  # neither the directory nor a temporary one
+    monkeypatch.undo()
+    tok.save(tmp_path / "tokenizer")
+    WordTokenizer(["<eos>", "<unk>", "b", "c"]).save(tmp_path / "tokenizer")  # replaced as a whole
+    assert (tmp_path / "tokenizer" / "vocab.txt").read_text(encoding="utf-8").split() == ["<eos>", "<unk>", "b", "c"]
+    assert [p.name for p in tmp_path.iterdir()] == ["tokenizer"]
+
+
+def test_a_non_ascii_title_under_the_c_locale_loses_nothing(tmp_path):
+    """Issue 16, kind 5: with LC_ALL=C (ASCII) every file is still read and written as UTF-8, a byte-order
+    mark is not text, and the results of an evaluation are written whole."""
+    corpus, bom = tmp_path / "corpus", b"\xef\xbb\xbf"
+    small = SyntheticConfig(n_train=8, n_valid=2, n_test=1, min_tokens=100, max_tokens=300)
+    for split in ("train", "valid"):
+        (corpus / split).mkdir(parents=True)
+        for i, a in enumerate(synthetic_articles(small, split)):
+            (corpus / split / f"{i}.txt").write_text("\n".join(a.lines) + "\n", encoding="utf-8")
+        (corpus / split / "cafe.txt").write_bytes(bom + " = Café = \n \n Le café est noir . \n".encode())
+    overrides = TINY + ["data.source=text", f"data.path={corpus}", f"data.cache_dir={tmp_path / 'cache'}"]
+    assert train(tmp_path / "run", overrides) == 0
+    config = tmp_path / "café.yaml"
+    config.write_bytes(bom + "# réglages\neval:\n  batch_size: 2\nlog:\n  name: Café\n".encode())
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONIOENCODING": "", "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "eval"
+    p = subprocess.run([sys.executable, "-m", "dynlm", "evaluate", "--checkpoint",
+                        str(tmp_path / "run" / "checkpoints" / "best.pt"), "--out", str(out), "--config", str(config),
+                        "--modes", "static,sgd", f"--data.cache_dir={tmp_path / 'cache'}"],
+                       cwd=REPO, env=env, capture_output=True, timeout=600)
+    assert p.returncode == 0, p.stderr.decode(errors="replace")[-3000:]
+    titles = {row["title"] for row in csv.DictReader(open(out / "per_article.csv", encoding="utf-8", newline=""))}
+    assert "Café" in titles
+    assert json.loads((out / "summary.json").read_text(encoding="utf-8"))["modes"]["sgd"]["ppl"] > 1
+    assert "Café" in (out / "heatmap.html").read_text(encoding="utf-8")
+    assert "name: Café" in (out / "config.yaml").read_text(encoding="utf-8")
+
+
 def test_tokenizer_kind_of_run_dir_must_match_config(tmp_path, capsys):
     WordTokenizer(["<eos>", "<unk>", "a"]).save(tmp_path / "run" / "tokenizer")
     assert train(tmp_path / "run", TINY + [f"data.cache_dir={tmp_path / 'c'}", "data.tokenizer=sentencepiece"]) == 2
@@ -343,9 +409,9 @@ def test_tokenizer_kind_of_run_dir_must_match_config(tmp_path, capsys):
     (["--train.batch_size=abc"], "train.batch_size: expected int"),
     (["--train.boundary=sometimes"], "train.boundary: 'sometimes' is not one of reset, continuous"),
     (["--model.softmax=sparse"], "model.softmax: 'sparse' is not one of full, adaptive"),
-    (["--train.batch_size=0"], "train.batch_size must be >= 1"),
-    (["--train.max_bad_steps=0"], "train.max_bad_steps must be >= 1"),
-    (["--train.device=gpu"], "train.device='gpu'; valid"),
+    (["--train.batch_size=0"], "--train.batch_size: must be >= 1, got 0"),
+    (["--train.max_bad_steps=0"], "--train.max_bad_steps: must be >= 1, got 0"),
+    (["--train.device=gpu"], "--train.device: 'gpu': expected auto, cpu, cuda or cuda:N"),
     (["--config", "experiments/no_such_experiment.yaml"], "config file not found"),
 ])
 def test_bad_config_on_the_command_line_is_one_line_and_creates_nothing(tmp_path, capsys, args, message):
@@ -506,24 +572,21 @@ def test_shards_are_disjoint_and_cover_everything(n, world):
     assert set().union(*seen) == set(range(len(arts))) and sum(map(len, seen)) == len(arts)
 
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dynlm"]
 NO_DROPOUT = ["model.dropout_input=0", "model.dropout_hidden=0", "model.dropout_output=0"]
 
 
-def torchrun(run, overrides, *extra, timeout=300):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([*TORCHRUN, "train", "--out", str(run), *[f"--{o}" for o in overrides], *extra],
-                       env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return p
+def torchrun(run, overrides, *extra) -> str:
+    """`dynlm train` in two gloo processes; rank 0's stdout (see conftest.run_torchrun)."""
+    logs = Path(tempfile.mkdtemp(prefix="torchrun-logs-", dir=Path(run).parent))
+    return run_torchrun(["train", "--out", str(run), *[f"--{o}" for o in overrides], *extra], logs)
 
 
 @pytest.mark.slow
 def test_two_gloo_processes_take_the_same_step_as_one(tmp_path, cache_dir):
     overrides = TINY + NO_DROPOUT + ["train.max_steps=1", f"data.cache_dir={cache_dir}"]
     assert train(tmp_path / "one", overrides) == 0
-    p = torchrun(tmp_path / "two", overrides)
-    assert "2 processes (gloo)" in p.stdout
+    stdout = torchrun(tmp_path / "two", overrides)
+    assert "2 processes (gloo)" in stdout
     one = load_checkpoint(tmp_path / "one" / "checkpoints" / "last.pt")
     two = load_checkpoint(tmp_path / "two" / "checkpoints" / "last.pt")
     assert two["world_size"] == 2 and len(two["rng_per_rank"]) == 2
@@ -548,8 +611,8 @@ def test_two_process_resume_is_exact_and_needs_the_same_world_size(tmp_path, cac
     (ckpts / "ckpt_step00000006.pt").unlink()
     assert train(run, overrides, "--resume") == 2  # one process cannot continue a two-process run
     assert "written by 2 process(es), resumed with 1" in capsys.readouterr().err
-    p = torchrun(run, overrides, "--resume")
-    assert "resumed from" in p.stdout and "step 3" in p.stdout
+    stdout = torchrun(run, overrides, "--resume")
+    assert "resumed from" in stdout and "step 3" in stdout
     assert_same_params(expected, final_params(run))
 
 

@@ -1,12 +1,14 @@
 """`dynlm report`: the numbers behind the plots, the HTML heat-map, and clear errors."""
 import csv
 import html
+import os
 import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
+import matplotlib.colors
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -14,9 +16,9 @@ import pytest
 
 from dynlm.cli import main
 from dynlm.config import ReportConfig
-from dynlm.report import (BLUE, RED, improvement_by_position, improvement_color, load_tokens, plot_drift,
-                          plot_histogram, plot_stream, render_report, robust_limits, stream_improvement,
-                          trailing_mean)
+from dynlm.report import (BLUE, RED, bins_around_zero, improvement_by_position, improvement_color, load_tokens, mode_style,
+                          plot_drift, plot_histogram, plot_improvement, plot_stream, render_report, robust_limits,
+                          stream_improvement, trailing_mean)
 
 TRICKY = ["<script>alert(1)</script>", "a&b", '"quoted"', "<eos>"]  # must come out escaped
 
@@ -230,8 +232,11 @@ def find_chromium() -> str | None:
 PAGE_ERRORS = ("CONSOLE", "Uncaught", "ERR_", "Failed to load", "heatmap.html")
 
 
-@pytest.mark.skipif(find_chromium() is None, reason="no chromium binary found (apt-get install chromium)")
 def test_heatmap_renders_in_headless_chromium(tmp_path):
+    if find_chromium() is None:  # CI (.ci/run) installs Chromium and sets DYNLM_REQUIRE_BROWSER: never a silent skip
+        if os.environ.get("DYNLM_REQUIRE_BROWSER"):
+            pytest.fail("DYNLM_REQUIRE_BROWSER is set but no chromium binary was found (apt-get install chromium)")
+        pytest.skip("no chromium binary found (apt-get install chromium)")
     write_eval_dir(tmp_path)
     page = render_report(tmp_path, ReportConfig(html_articles=2)).files["heatmap"]
     expected = parse_spans(page)
@@ -329,15 +334,15 @@ def test_histogram_and_drift_ranges_ignore_one_wrecked_value(tmp_path):
     pq.write_table(pa.table(cols), tmp_path / "tokens.parquet")
     ax = plot_histogram(load_tokens(tmp_path), tmp_path / "histogram.png").axes[0]
     assert ax.get_xlim()[1] < 200  # %, not the +1,900% of the one wrecked article
-    assert "▲1 off-scale to +" in ax.get_legend().get_texts()[0].get_text()
+    assert "▲1 off-scale to +" in ax.texts[0].get_text()  # each panel names its mode and its outliers
 
     with open(tmp_path / "drift.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["mode", "tokens_read", "drift_mean", "drift_max"])
         w.writerows(["dyneval@lstm", 100 * i, 0.01 * i, 0.02 * i + (40.0 if i == 7 else 0.0)] for i in range(1, 21))
-    ax = plot_drift(tmp_path / "drift.csv", tmp_path / "drift.png").axes[0]
-    assert ax.get_ylim()[1] < 1.0
-    assert [text.get_text() for text in ax.get_legend().get_texts()] == [
+    fig = plot_drift(tmp_path / "drift.csv", tmp_path / "drift.png")
+    assert fig.axes[0].get_ylim()[1] < 1.0
+    assert [text.get_text() for text in fig.legends[0].get_texts()] == [
         "dyneval@lstm, mean over streams", "dyneval@lstm, max over streams (off-scale ▲1 to +40.1)"]
 
 
@@ -356,3 +361,71 @@ def test_mode_names_with_at_plus_dollar_underscore_render(tmp_path):
     assert shown == list(modes)
     title = fig.axes[0].texts[0]
     assert title._preprocess_math(title.get_text()) == ("A: The $64,000 Question", False)
+
+
+def write_drift(d: Path, modes) -> None:
+    with open(d / "drift.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["mode", "tokens_read", "drift_mean", "drift_max"])
+        w.writerows([m, 200 * i, 0.01 * i * (k + 1), 0.02 * i * (k + 1)] for k, m in enumerate(modes) for i in (1, 2))
+
+
+def test_a_mode_keeps_its_colour_in_every_plot_and_every_report(tmp_path):
+    """Issue 17: cache was green in one report and orange in another, where orange also meant sgd."""
+    colours = {}
+    for name, modes in (("two", ("cache", "sgd")), ("five", ("sgd", "dyneval", "learned", "cache", "learned+cache"))):
+        d = tmp_path / name
+        write_eval_dir(d, modes=modes)
+        write_drift(d, modes)
+        t = load_tokens(d)
+        figures = {"improvement": plot_improvement(improvement_by_position(t, 50), d / "i.png"),
+                   "stream": plot_stream(t, 3, 50, d / "s.png"), "histogram": plot_histogram(t, d / "h.png"),
+                   "drift": plot_drift(d / "drift.csv", d / "d.png")}
+        for plot, fig in figures.items():
+            for ax in fig.axes:
+                for artist in [*ax.get_lines(), *ax.patches]:
+                    mode = artist.get_label().split(" (")[0].split(",")[0]
+                    if mode in modes:
+                        colour = artist.get_color() if plot != "histogram" else artist.get_facecolor()
+                        colours.setdefault(mode, set()).add(matplotlib.colors.to_hex(colour))
+    assert all(len(c) == 1 for c in colours.values()), colours  # one colour per mode, whatever the report
+    assert set(colours) == {"sgd", "dyneval", "learned", "cache", "learned+cache"}
+    assert len({c.pop() for m, c in colours.items() if m != "learned+cache"}) == 4  # distinct modes, distinct colours
+    assert mode_style("learned+cache").color == mode_style("learned").color  # the cache on top: same hue, dashed
+    assert mode_style("learned+cache").linestyle == "--" and mode_style("learned").linestyle == "-"
+    assert mode_style("my-rule@all") == mode_style("my-rule@all")  # unknown modes: a colour from their name
+
+
+def test_plots_keep_their_legends_off_the_curves_and_mark_measurements(tmp_path):
+    modes = ("dyneval", "learned")
+    write_eval_dir(tmp_path, modes=modes)
+    write_drift(tmp_path, modes)
+    report = render_report(tmp_path, ReportConfig())
+    t = load_tokens(tmp_path)
+    fig = plot_improvement(report.curve, tmp_path / "i.png")
+    assert not fig.axes[0].get_legend() and not fig.axes[1].get_legend()  # the figure's, below the axes
+    labels = [text.get_text() for text in fig.legends[0].get_texts()]
+    assert labels == ["dyneval", "learned", "articles in bin (right axis)"]  # the grey steps are named
+    drift = plot_drift(tmp_path / "drift.csv", tmp_path / "d.png")
+    assert all(line.get_marker() not in (None, "None", "") for line in drift.axes[0].get_lines())
+    assert not drift.axes[0].get_legend() and drift.legends
+    hist = plot_histogram(t, tmp_path / "h.png")
+    assert len(hist.axes) == 2  # one panel per mode: no overlapping bars
+    assert all(p.get_alpha() in (None, 1.0) for ax in hist.axes for p in ax.patches)  # opaque
+
+
+def test_heatmap_opens_on_the_most_improved_mode(tmp_path):
+    cols = write_eval_dir(tmp_path, modes=("sgd", "learned"))
+    cols["nll_sgd"] = cols["nll_static"].copy()  # sgd changed nothing: all white
+    cols["nll_learned"] = cols["nll_static"] - 0.5
+    pq.write_table(pa.table(cols), tmp_path / "tokens.parquet")
+    page = render_report(tmp_path, ReportConfig()).files["heatmap"].read_text()
+    assert re.search(r'id="pick-1" hidden checked', page) and not re.search(r'id="pick-0" hidden checked', page)
+
+
+def test_histogram_bins_have_an_edge_at_zero():
+    """No bar straddles 'as good as static' (the x-range always holds 0)."""
+    for lo, hi, n in ((-7.2, 18.0, 5), (-70.0, 0.0, 10), (0.0, 0.0, 5), (-1e-3, 2.0, 30)):
+        edges = bins_around_zero(lo, hi, n)
+        assert edges[0] <= lo and edges[-1] >= hi and len(edges) >= 2 and np.isclose(edges, 0).any()
+        assert np.allclose(np.diff(edges), np.diff(edges)[0])  # equal widths

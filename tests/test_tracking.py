@@ -147,6 +147,20 @@ def test_wandb_init_failure_degrades_to_jsonl(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "metrics.jsonl").read_text())["eval/ppl"] == 10.0
 
 
+def test_metrics_are_strict_json_lines_with_non_finite_values_as_null(tmp_path):
+    """Issue 16, kind 7: a diverged loss is logged as null, not as NaN, which strict JSON readers reject."""
+    with Tracker(LogConfig(wandb_mode="disabled"), tmp_path, {}, job_type="train") as t:
+        t.log({"train/loss": float("nan"), "valid/ppl": float("inf"), "ok": 1.5}, step=1, echo=False)
+        t.summary({"best_valid_ppl": float("inf")})
+
+    def refuse(constant):
+        raise ValueError(constant)
+
+    [row] = [json.loads(line, parse_constant=refuse) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert (row["train/loss"], row["valid/ppl"], row["ok"]) == (None, None, 1.5)
+    assert json.loads((tmp_path / "summary_metrics.json").read_text(), parse_constant=refuse) == {"best_valid_ppl": None}
+
+
 def test_disabled_tracker_writes_nothing(tmp_path):
     t = Tracker(LogConfig(wandb_mode="offline"), tmp_path / "r1", {}, job_type="train", enabled=False)
     t.log({"x": 1}, step=0)

@@ -87,11 +87,6 @@ MAX_FRESH = 6
 def synthetic_articles(cfg: SyntheticConfig, split: str) -> list[RawArticle]:
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r} for the synthetic corpus; valid: {', '.join(SPLITS)}")
-    if not 10 <= cfg.min_tokens <= cfg.max_tokens:
-        raise DataError(f"synthetic.min_tokens/max_tokens must satisfy 10 <= min <= max, got "
-                        f"{cfg.min_tokens}/{cfg.max_tokens}")
-    if not 0.0 <= cfg.topic_share <= 1.0:
-        raise DataError(f"synthetic.topic_share must be in [0, 1], got {cfg.topic_share}")
     counts = (cfg.n_train, cfg.n_valid, cfg.n_test)
     bg, topic_pool, entity_pool, fresh = _lexicon(cfg.seed, tuple(n * MAX_FRESH for n in counts))
     bg_cum = {k: _zipf_cum(len(v)) for k, v in bg.items()}

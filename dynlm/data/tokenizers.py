@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 import shutil
+import sys
 import tempfile
 from abc import ABC, abstractmethod
 from collections import Counter
@@ -67,11 +70,32 @@ class Tokenizer(ABC):
         return hashlib.sha256(self.kind.encode() + self._fingerprint_bytes()).hexdigest()[:12]
 
     def save(self, out_dir: str | Path) -> None:
+        """Write the tokenizer into `out_dir` atomically: into a temporary sibling directory first, then
+        renamed into place, so a failed or interrupted save never leaves a half-built tokenizer behind
+        (a rerun would take it for the run's own and fail on it)."""
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        self._save(out)
-        meta = {"type": self.kind, "vocab_size": self.vocab_size, "fingerprint": self.fingerprint()}
-        (out / META).write_text(json.dumps(meta, indent=1))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        try:
+            self._save(tmp)
+            meta = {"type": self.kind, "vocab_size": self.vocab_size, "fingerprint": self.fingerprint()}
+            (tmp / META).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+            _replace_dir(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+def _replace_dir(new: Path, old: Path) -> None:
+    """Rename directory `new` to `old`, replacing whatever `old` held (a rename over a non-empty directory
+    fails, so the old one is moved aside first and removed after)."""
+    if not old.exists():
+        os.replace(new, old)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{old.name}.", suffix=".old", dir=old.parent))
+    os.replace(old, aside / old.name)
+    os.replace(new, old)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 class WordTokenizer(Tokenizer):
@@ -137,13 +161,14 @@ class SentencePieceTokenizer(Tokenizer):
 
     @classmethod
     def build(cls, train_articles: list[RawArticle], vocab_size: int, model_type: str = "unigram",
-              out_dir: str | Path = ".") -> "SentencePieceTokenizer":
+              out_dir: str | Path | None = None) -> "SentencePieceTokenizer":
+        """Train on the training articles, in a temporary directory (nothing is written elsewhere; `save`
+        it). A vocab_size below what the corpus needs is a DataError saying the smallest it allows; one
+        above what it supports gives fewer pieces, with a note. `out_dir` is ignored (kept for callers)."""
         import sentencepiece as spm
 
         if model_type not in ("unigram", "bpe"):
             raise DataError(f"sp_model_type must be unigram or bpe, got {model_type!r}")
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:
             corpus = Path(tmp) / "train.txt"
             with corpus.open("w", encoding="utf-8") as f:
@@ -151,18 +176,24 @@ class SentencePieceTokenizer(Tokenizer):
                     for line in a.lines:
                         if line.strip():
                             f.write(line.strip() + "\n")
-            spm.SentencePieceTrainer.train(
-                input=str(corpus), model_prefix=str(Path(tmp) / "sp"), vocab_size=vocab_size,
-                model_type=model_type,
-                # <eos> is appended per line by encode_article, never produced by the model
-                unk_id=0, eos_id=1, bos_id=-1, pad_id=-1, eos_piece=EOS, unk_piece="<sp_unk>",
-                user_defined_symbols=[UNK],  # keep WikiText's literal <unk> as one piece
-                input_sentence_size=200_000, shuffle_input_sentence=True,  # WikiText-2 in < 1 min
-                hard_vocab_limit=False,  # small corpora may not support vocab_size pieces
-                minloglevel=2,
-            )
-            shutil.copy(Path(tmp) / "sp.model", out / cls.MODEL)
-        return cls(out / cls.MODEL)
+            try:
+                spm.SentencePieceTrainer.train(
+                    input=str(corpus), model_prefix=str(Path(tmp) / "sp"), vocab_size=vocab_size,
+                    model_type=model_type,
+                    # <eos> is appended per line by encode_article, never produced by the model
+                    unk_id=0, eos_id=1, bos_id=-1, pad_id=-1, eos_piece=EOS, unk_piece="<sp_unk>",
+                    user_defined_symbols=[UNK],  # keep WikiText's literal <unk> as one piece
+                    input_sentence_size=200_000, shuffle_input_sentence=True,  # WikiText-2 in < 1 min
+                    hard_vocab_limit=False,  # small corpora may not support vocab_size pieces
+                    minloglevel=2,
+                )
+            except RuntimeError as e:
+                raise DataError(_sentencepiece_problem(e, vocab_size)) from None
+            tok = cls(Path(tmp) / "sp.model")
+        if tok.vocab_size < vocab_size:
+            print(f"note: data.sp_vocab_size={vocab_size} is more than this training text supports; the "
+                  f"tokenizer has {tok.vocab_size} pieces, the largest it allows", file=sys.stderr)
+        return tok
 
     @property
     def vocab_size(self) -> int:
@@ -193,10 +224,22 @@ class SentencePieceTokenizer(Tokenizer):
         return cls(d / cls.MODEL)
 
 
+def _sentencepiece_problem(e: RuntimeError, vocab_size: int) -> str:
+    """sentencepiece's RuntimeError (a C++ assertion) as one line in our terms."""
+    text = str(e)
+    m = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", text)
+    if m:
+        return (f"data.sp_vocab_size={vocab_size} is below the smallest size this training text allows, "
+                f"{m.group(2)} (one piece per character it uses, plus <eos> and the unknown pieces); "
+                f"set data.sp_vocab_size={m.group(2)} or more")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return f"sentencepiece could not build a tokenizer with data.sp_vocab_size={vocab_size}: {(lines or ['?'])[-1][:300]}"
+
+
 def load_tokenizer(d: str | Path) -> Tokenizer:
     d = Path(d)
     try:
-        meta = json.loads((d / META).read_text())
+        meta = json.loads((d / META).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise DataError(f"no tokenizer in {d} (missing {META})") from None
     kinds = {"word": WordTokenizer, "sentencepiece": SentencePieceTokenizer}
@@ -209,12 +252,11 @@ def load_tokenizer(d: str | Path) -> Tokenizer:
 
 
 def build_tokenizer(cfg, train_articles: list[RawArticle], out_dir: str | Path) -> Tokenizer:
-    """Build from the training split per `cfg` (a DataConfig) and save it into out_dir."""
-    if cfg.tokenizer == "word":
-        tok: Tokenizer = WordTokenizer.build(train_articles)
-    elif cfg.tokenizer == "sentencepiece":
-        tok = SentencePieceTokenizer.build(train_articles, cfg.sp_vocab_size, cfg.sp_model_type, out_dir)
-    else:
-        raise DataError(f"unknown tokenizer {cfg.tokenizer!r}; valid: word, sentencepiece")
+    """Build from the training split per `cfg` (a DataConfig) and save it into out_dir (atomically: a
+    failed build leaves nothing there)."""
+    if cfg.tokenizer == "sentencepiece":
+        tok: Tokenizer = SentencePieceTokenizer.build(train_articles, cfg.sp_vocab_size, cfg.sp_model_type)
+    else:  # data.tokenizer is word or sentencepiece (config.py)
+        tok = WordTokenizer.build(train_articles)
     tok.save(out_dir)
     return tok

@@ -1,6 +1,7 @@
 """WikiText files -> articles, with the strict title rule (see shared/data/README.md)."""
 from __future__ import annotations
 
+import codecs
 import re
 import warnings
 from pathlib import Path
@@ -49,14 +50,16 @@ def split_wikitext_articles(lines, split: str) -> list[RawArticle]:
 
 
 def read_lines(path: Path) -> list[str]:
-    """Strict UTF-8 read; the error names the file and the byte offset."""
+    """Strict UTF-8 read, whatever the locale; a byte-order mark at the start is dropped (it is not text).
+    The error names the file and the byte offset."""
     data = path.read_bytes()
-    if not data.strip():
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    if not data[bom:].strip():
         raise DataError(f"{path} is empty")
     try:
-        text = data.decode("utf-8")
+        text = data[bom:].decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: invalid UTF-8 at byte offset {e.start}") from None
+        raise DataError(f"{path}: invalid UTF-8 at byte offset {bom + e.start}") from None
     lines = text.split("\n")
     if lines[-1] == "":  # trailing newline, not an extra line
         lines.pop()

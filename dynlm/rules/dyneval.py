@@ -3,8 +3,8 @@ github.com/benkrause/dynamic-evaluation)."""
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
 
+from ..progress import progress
 from .base import LazyRows, Rule
 
 GRAD_STATS = ("batch", "stream")
@@ -84,7 +84,7 @@ def compute_grad_rms(lm, params, layout, names: list[str], n_chunks: int, device
     state = lm.init_state(layout.n_streams, device=device, dtype=dtype)
     n_segments = 0
     total = len(layout) if n_chunks <= 0 else min(n_chunks, len(layout))
-    for i in tqdm(range(total), desc=f"gradient RMS ({stat})", leave=False, mininterval=2):
+    for i in progress(range(total), desc=f"gradient RMS ({stat})", leave=False):
         chunk = layout.chunk(i).to(device)
         if stat == "batch":
             weights = {k: v.detach().requires_grad_(k in names) for k, v in params.items()}

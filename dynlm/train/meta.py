@@ -12,21 +12,21 @@ theta0; under torchrun each rank reads its own streams and the meta-gradients ar
 from __future__ import annotations
 
 import random
-import shutil
 import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from .. import distributed as D
-from ..checkpoint import (CheckpointError, config_mismatches, load_checkpoint, load_latest_checkpoint, rng_state,
-                          save_checkpoint, save_rotating, set_rng_state)
-from ..config import Config, ConfigError, save_config, to_dict
+from ..checkpoint import (CheckpointError, check_model_matches, config_mismatches, load_checkpoint,
+                          load_latest_checkpoint, rng_state, save_checkpoint, save_rotating, set_rng_state)
+from ..config import Config, ConfigError, check_rule_layers, save_config, to_dict
 from ..data.streams import StreamLayout
+from ..data.tokenizers import load_tokenizer
 from ..evaluate import perplexity, score
 from ..faults import FaultGuard
 from ..model import LSTMLM
+from ..progress import interactive, progress
 from ..rules import adapted_names, compute_grad_rms, learner_parameters, make_rule, with_consolidation
 from ..signals import StopOnSignals
 from ..tracking import Tracker
@@ -40,16 +40,12 @@ RESUME_MAY_DIFFER = ("data.cache_dir", "data.path")
 
 
 def check_meta_config(cfg: Config) -> None:
+    """What no single field's declaration (config.py) can say: a ConfigError before any work."""
+    check_rule_layers(cfg)
     m = cfg.meta
-    if m.boundary not in ("reset", "continuous"):
-        raise ConfigError(f"meta.boundary={m.boundary!r}; valid: reset, continuous")
-    for key in ("unroll", "chunk", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints", "max_bad_steps"):
-        if getattr(m, key) < 1:
-            raise ConfigError(f"meta.{key} must be >= 1, got {getattr(m, key)}")
-    if m.steps < 0 or m.max_minutes < 0 or m.ewc_lambda < 0 or m.lr <= 0:
-        raise ConfigError("meta.steps, max_minutes and ewc_lambda must be >= 0, and meta.lr > 0")
     if m.ewc_lambda and m.boundary != "continuous":
-        raise ConfigError("meta.ewc_lambda is the consolidation of the continuous setting: set meta.boundary=continuous")
+        raise ConfigError(f"meta.ewc_lambda={m.ewc_lambda:g} weighs a consolidation of continuous reading; it "
+                          f"needs meta.boundary=continuous, not {m.boundary}")
 
 
 def meta_layout(articles, cfg: Config, eos_id: int, epoch: int, dinfo: D.DistInfo) -> StreamLayout:
@@ -117,11 +113,13 @@ def _metatrain(cfg: Config, run_dir: Path, init: Path | None, resume: bool, dinf
     m, main = cfg.meta, dinfo.is_main
     torch.manual_seed(m.seed)
     base = load_checkpoint(init, map_location=device) if init else None
+    if base is not None:
+        check_model_matches(base, cfg, init)
     if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if base is not None and not (run_dir / "tokenizer").exists():
-            shutil.copytree(init.resolve().parent.parent / "tokenizer", run_dir / "tokenizer")
+        if base is not None and not (run_dir / "tokenizer").exists():  # the static run's, copied atomically
+            load_tokenizer(init.resolve().parent.parent / "tokenizer").save(run_dir / "tokenizer")
         tok, splits = prepare_data(cfg, run_dir, ["train", "valid"], role="meta")
+        run_dir.mkdir(parents=True, exist_ok=True)
     D.barrier()
     if not main:
         tok, splits = prepare_data(cfg, run_dir, ["train", "valid"], role="meta")
@@ -231,7 +229,7 @@ def _metatrain(cfg: Config, run_dir: Path, init: Path | None, resume: bool, dinf
     positions = reading_positions(train_arts, cfg, tok.eos_id, epoch, chunk_idx, dinfo)
     start, window_start, window_tokens = time.perf_counter(), time.perf_counter(), 0
     window = {"dyn": 0.0, "static": 0.0, "n": 0, "forget": 0.0, "input": 0.0, "k": 0}
-    bar = tqdm(total=m.steps, initial=step, desc="metatrain", mininterval=2, disable=not main)
+    bar = progress(total=m.steps, initial=step, desc="metatrain", enabled=main)
     stopped_by, valid = None, {}
     with StopOnSignals() as stop:
         while step < m.steps:
@@ -282,7 +280,8 @@ def _metatrain(cfg: Config, run_dir: Path, init: Path | None, resume: bool, dinf
                              "meta/gain": gain, "meta/forget_gate": w["forget"] / w["k"],
                              "meta/input_gate": w["input"] / w["k"], "meta/skipped_steps": guard.skipped,
                              "meta/tokens_per_s": window_tokens / (now - window_start),
-                             "meta/epoch": epoch + chunk_idx / len(layout)}, step=step, echo=False)
+                             "meta/epoch": epoch + chunk_idx / len(layout)},
+                            step=step, echo=not interactive())  # on a terminal the bar shows the gain
                 bar.set_postfix(gain=f"{gain:+.4f}")
                 window = dict.fromkeys(window, 0.0)
                 window_start, window_tokens = now, 0

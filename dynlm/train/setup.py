@@ -19,9 +19,7 @@ def prepare_tokenizer(cfg: Config, run_dir: Path) -> Tokenizer:
             raise DataError(f"{tok_dir} holds a {tok.kind} tokenizer but data.tokenizer={cfg.data.tokenizer}; "
                             "use a fresh --out directory (or remove that tokenizer)")
         return tok
-    tok = build_tokenizer(cfg.data, load_raw_split(cfg.data, "train"), tok_dir)
-    tok.save(tok_dir)
-    return tok
+    return build_tokenizer(cfg.data, load_raw_split(cfg.data, "train"), tok_dir)  # saved atomically
 
 
 def prepare_data(cfg: Config, run_dir: Path, splits: list[str], role: str = "") -> tuple[Tokenizer, dict[str, list[Article]]]:

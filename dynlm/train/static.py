@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 import time
 import warnings
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from .. import distributed as D
 from ..checkpoint import (CheckpointError, config_mismatches, load_latest_checkpoint, load_checkpoint,
@@ -26,6 +26,7 @@ from ..device import autocast
 from ..evaluate import perplexity, score
 from ..faults import FaultGuard
 from ..model import LSTMLM
+from ..progress import interactive, progress as progress_bar
 from ..signals import StopOnSignals
 from ..tracking import Tracker
 from ..unroll import reset_rows
@@ -73,30 +74,21 @@ def reading_positions(articles, cfg: Config, eos_id: int, epoch: int, chunk_idx:
 
 
 def check_train_config(cfg: Config) -> None:
-    """Values the schema cannot express (choices, ranges): a ConfigError before any work."""
+    """What no single field's declaration (config.py) can say: a ConfigError before any work."""
     t = cfg.train
-    choices = {"train.boundary": (t.boundary, ("reset", "continuous")),
-               "train.schedule": (t.schedule, ("cosine", "constant")),
-               "model.softmax": (cfg.model.softmax, ("full", "adaptive")),
-               "data.tokenizer": (cfg.data.tokenizer, ("word", "sentencepiece"))}
-    for key, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise ConfigError(f"{key}={value!r}; valid: {', '.join(allowed)}")
-    positive = {"train.batch_size": t.batch_size, "train.bptt": t.bptt, "train.eval_every": t.eval_every,
-                "train.log_every": t.log_every, "train.max_bad_steps": t.max_bad_steps,
-                "train.keep_checkpoints": t.keep_checkpoints, "model.hidden_size": cfg.model.hidden_size,
-                "model.emb_size": cfg.model.emb_size, "model.n_layers": cfg.model.n_layers}
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{key} must be >= 1, got {value}")
-    if t.max_steps < 0 or t.epochs < 0 or t.max_minutes < 0 or t.warmup_steps < 0:
-        raise ConfigError("train.max_steps, epochs, max_minutes and warmup_steps must be >= 0")
     if not (t.max_steps or t.epochs or t.max_minutes):
         raise ConfigError("nothing to train: set train.max_steps, train.epochs or train.max_minutes")
-    if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
-        raise ConfigError(f"train.device={t.device!r}; valid: auto, cpu, cuda, cuda:N")
     if t.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"train.device={t.device} but CUDA is not available on this machine")
+
+
+def warn_long_warmup(t, total_steps: int) -> None:
+    """A warmup longer than the run keeps the learning rate below train.lr throughout: the model
+    stays close to its initialisation (near-uniform predictions) without any error to say why."""
+    if t.warmup_steps > total_steps and not t.max_minutes:
+        budget = f"train.max_steps={t.max_steps}" if t.max_steps else f"{t.epochs} epoch(s)"
+        print(f"warning: train.warmup_steps={t.warmup_steps} is more than the run's {total_steps} steps ({budget}): "
+              f"the learning rate never reaches train.lr={t.lr:g}; lower train.warmup_steps", file=sys.stderr)
 
 
 def data_signature(articles) -> dict:
@@ -139,13 +131,12 @@ def train_static(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
 def _train(cfg: Config, run_dir: Path, resume: bool, dinfo: D.DistInfo, device: torch.device) -> dict:
     t = cfg.train
     main = dinfo.is_main
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
     # dropout draws differ per rank (rank 0 keeps the single-process seed); init_params has its own generator
     torch.manual_seed(t.seed + 7919 * dinfo.rank)
     # rank 0 builds the tokenizer and the token cache; the others then read them (no write races)
-    if main:
+    if main:  # the run directory is made only once its data and tokenizer are ready: bad data leaves none
         tok, splits = prepare_data(cfg, run_dir, ["train", "valid"], role="static")
+        run_dir.mkdir(parents=True, exist_ok=True)
     D.barrier()
     if not main:
         tok, splits = prepare_data(cfg, run_dir, ["train", "valid"], role="static")
@@ -192,6 +183,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dinfo: D.DistInfo, device: 
         print(f"model: {sum(p.numel() for p in params.values()):,} parameters, vocab {tok.vocab_size}, "
               f"{steps_per_epoch} steps/epoch, {total} steps, device {device}"
               + (f", {dinfo.world_size} processes ({dinfo.backend})" if dinfo.enabled else ""))
+        warn_long_warmup(t, total)
 
     def global_hidden():
         """Every stream's hidden state in global row order (rank blocks are contiguous)."""
@@ -244,9 +236,9 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dinfo: D.DistInfo, device: 
         return max(step / total if total else 0.0, minutes() / t.max_minutes if t.max_minutes else 0.0)
 
     window_start = time.perf_counter()
-    stopped_by = None
+    stopped_by, last_loss = None, None
     saved_at = step if resume and step else None  # the step whose checkpoint is on disk
-    bar = tqdm(total=total, initial=step, desc="train", mininterval=2, disable=not main)
+    bar = progress_bar(total=total, initial=step, desc="train", enabled=main)
     with StopOnSignals() as stop:
         positions = reading_positions(train_arts, cfg, tok.eos_id, epoch, chunk_idx, dinfo)
         finished = progress() >= 1.0  # e.g. resuming a run that had already finished
@@ -293,20 +285,21 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dinfo: D.DistInfo, device: 
             state = [(h.float(), c.float()) for h, c in state]
             step += 1
             bar.update()
-            if step % t.log_every == 0:
+            done = progress() >= 1.0
+            if step % t.log_every == 0 or done:  # the last step too: a short run still shows its loss
                 now = time.perf_counter()
                 metrics = {"train/lr": opt.param_groups[0]["lr"], "train/skipped_steps": guard.skipped,
                            "train/epoch": epoch + (chunk_idx + 1) / len(layout)}
                 if window_n:
+                    last_loss = window_loss / window_n
                     metrics.update({"train/loss": window_loss / window_n, "train/ppl": math.exp(window_loss / window_n),
                                     "train/tokens_per_s": window_n / (now - window_start)})
                     bar.set_postfix(loss=f"{window_loss / window_n:.3f}")
-                tracker.log(metrics, step=step, echo=False)
+                tracker.log(metrics, step=step, echo=not interactive())  # on a terminal the bar shows the loss
                 window_loss, window_n, window_start = 0.0, 0, now
             # where a resumed run continues reading
             end_of_epoch = chunk_idx + 1 == len(layout)
             epoch, chunk_idx = (epoch + 1, 0) if end_of_epoch else (epoch, chunk_idx + 1)
-            done = progress() >= 1.0
             if step % t.eval_every == 0 or end_of_epoch or done:
                 ppl = validate()
                 tracker.log({"valid/ppl": ppl, "train/minutes": minutes(), "train/skipped_steps": guard.skipped},
@@ -318,7 +311,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dinfo: D.DistInfo, device: 
                 saved_at = step
             finished = done
     bar.close()
-    result = {"best_valid_ppl": best, "steps": step, "minutes": minutes(), "tokens": tokens_seen,
+    result = {"best_valid_ppl": best, "train_loss": last_loss, "steps": step, "minutes": minutes(), "tokens": tokens_seen,
               "skipped_steps": guard.skipped, "checkpoint": str(ckpt_dir / "best.pt"), "stopped_by": stopped_by,
               "last_checkpoint": str(ckpt_dir / "last.pt"), "is_main": main}
     if stopped_by and main:
