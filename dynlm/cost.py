@@ -198,12 +198,18 @@ def meta_training_cost(cfg: Config, vocab: int) -> dict:
                            + " + the update held back at truncation"}
 
 
+def expected_rates(cost: dict, tflops: float, bandwidth_tb_s: float) -> tuple[float, float]:
+    """(tokens/s bound by compute, tokens/s bound by memory traffic) of a stage's cost at the assumed rates."""
+    by_compute = tflops * 1e12 / cost["flops_per_token"]
+    by_traffic = bandwidth_tb_s * 1e12 / cost["traffic_per_token"] if cost["traffic_per_token"] else float("inf")
+    return by_compute, by_traffic
+
+
 def format_costs(costs: list[dict], tflops: float, bandwidth_tb_s: float) -> str:
     lines = [f"| stage | parameters | tokens/step | GFLOP/token | MB moved/token | expected tokens/s at {tflops:g} TFLOP/s "
              f"and {bandwidth_tb_s:g} TB/s | bound by | expected memory (GiB) |", "|---|---|---|---|---|---|---|---|"]
     for c in costs:
-        by_compute = tflops * 1e12 / c["flops_per_token"]
-        by_traffic = bandwidth_tb_s * 1e12 / c["traffic_per_token"] if c["traffic_per_token"] else float("inf")
+        by_compute, by_traffic = expected_rates(c, tflops, bandwidth_tb_s)
         lines.append(f"| {c['stage']} | {c['n_params'] / 1e6:.1f}M | {c['tokens_per_step']:,} | "
                      f"{c['flops_per_token'] / 1e9:.3g} | {c['traffic_per_token'] / 1e6:,.0f} | "
                      f"{min(by_compute, by_traffic):,.0f} | {'compute' if by_compute <= by_traffic else 'memory traffic'} "

@@ -153,19 +153,10 @@ def stage_multi_gpu(out: Path, work: Path, budget: float) -> dict:
                "--train.batch_size=8", "--train.bptt=20", "--train.max_steps=20", "--train.log_every=20",
                "--train.eval_every=1000", "--train.device=cuda", "--log.wandb_mode=disabled"]
         runs[procs] = _run(cmd, budget / 2, out / f"ddp{procs}.log")
-    losses = {p: _last_metric(work / f"ddp{p}" / "metrics.jsonl", "train/loss") for p in runs}
+    losses = {p: (_metric_values(work / f"ddp{p}" / "metrics.jsonl", "train/loss") or [None])[-1] for p in runs}
     ok = all(r["rc"] == 0 for r in runs.values()) and None not in losses.values() and \
         abs(losses[1] - losses[2]) <= 1e-3 * abs(losses[1])
     return {"ok": ok, "loss_1_process": losses[1], "loss_2_processes": losses[2], "runs": runs}
-
-
-def _last_metric(path: Path, key: str):
-    value = None
-    if path.is_file():
-        for line in read_text(path).splitlines():
-            row = json.loads(line)
-            value = row.get(key, value)
-    return value
 
 
 def _metric_values(path: Path, key: str) -> list[float]:
@@ -244,9 +235,8 @@ def pipeline_child(device: torch.device, out: Path, work: Path, budget: float, t
 
 def _predict(cost: dict, tflops: float = 100.0, bandwidth_tb_s: float = 3.0) -> dict:
     """cost.py's expectation at `dynlm experiment --estimate`'s default throughput assumptions."""
-    by_compute = tflops * 1e12 / cost["flops_per_token"]
-    by_traffic = bandwidth_tb_s * 1e12 / cost["traffic_per_token"] if cost["traffic_per_token"] else float("inf")
-    return {"tokens_per_s": round(min(by_compute, by_traffic)), "memory_gib": round(cost["memory_bytes"] / 2**30, 2),
+    from .cost import expected_rates
+    return {"tokens_per_s": round(min(expected_rates(cost, tflops, bandwidth_tb_s))), "memory_gib": round(cost["memory_bytes"] / 2**30, 2),
             "assumed": f"{tflops:g} TFLOP/s, {bandwidth_tb_s:g} TB/s"}
 
 

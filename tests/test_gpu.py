@@ -18,7 +18,6 @@ import torch
 import dynlm.rules.learned as learned_module
 from dynlm.cache import CacheSettings
 from dynlm.config import ModelConfig, RuleConfig
-from dynlm.data.articles import Article
 from dynlm.data.streams import StreamLayout
 from dynlm.evaluate import perplexity, score
 from dynlm.model import LSTMLM
@@ -27,13 +26,15 @@ from dynlm.modes import parse_mode
 from dynlm.rules import LearnedRule, adapted_names, compute_grad_rms, make_rule
 from dynlm.unroll import TruncatedUnroll
 
+from test_dyneval import V, articles  # Zipfian articles over a 40-word vocabulary
+
 pytestmark = pytest.mark.gpu
 
 DEVICE = torch.device(os.environ.get("DYNLM_TEST_DEVICE", "cuda"))
 RTOL, ATOL = 1e-4, 1e-4
 LEARNED_TOL = 5e-3  # the learned gates (sigmoids of log-magnitudes) amplify rounding over 60 updates
 BF16_PPL_RTOL = 0.02
-V, EOS = 40, 0
+EOS = 0
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -49,13 +50,6 @@ def tiny():
                       dropout_input=0, dropout_hidden=0, dropout_output=0, init_range=0.3)
     lm = LSTMLM(cfg, V)
     return lm, lm.init_params(seed=3)
-
-
-def articles(lengths, seed=0):
-    rng = np.random.default_rng(seed)
-    zipf = 1.0 / np.arange(1, V + 1)
-    return [Article(f"a{i}", "", rng.choice(V, n, p=zipf / zipf.sum()).astype(np.int32), n)
-            for i, n in enumerate(lengths)]
 
 
 RULES = RuleConfig(sgd_lr=0.05, dyneval_lr=3e-4, dyneval_lamb=0.02, adam_lr=3e-3, adam_decay=0.01, init_lr=0.05,
