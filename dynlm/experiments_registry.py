@@ -84,6 +84,12 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
                ("static", "learned", *BASELINES[:3], "learned+cache", *BASELINES[3:]),
                tune=(*BASELINES[:3], "learned+cache", *BASELINES[3:]),
                files=SUITE_EVAL),
+    # the learned rule on the weights faithful dyneval adapts (embeddings, LSTM and softmax per stream),
+    # on the base and articles of 2-level: its dyneval is the same-weights baseline (tuned there)
+    Experiment("2-level-all", "LSTM + meta-learner rewriting every weight (embeddings, LSTM and softmax, "
+               "per stream, as Krause et al.'s dynamic evaluation does), `article` protocol",
+               ("static", "learned@all", "learned@all+cache"), tune=("learned@all+cache",),
+               files={"cpu": (*SUITE_EVAL["cpu"], "learned_all.yaml"), "paper": ("learned_all.yaml",)}),
     Experiment("krause", "the learned rule, meta-trained for it, and every baseline under Krause et al.'s own "
                "protocol (the `krause` protocol: one stream through the articles, never reset, segments of 5 "
                "tokens), tuned on other validation text",
@@ -96,15 +102,20 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
                files={"cpu": ("continuous.yaml", "wt2_cpu_3level.yaml"),
                       "paper": ("continuous.yaml", "wt103_paper_3level.yaml")},
                arms=(Arm("ewc", ("ewc.yaml",)), Arm("ewc-0.01", ("ewc.yaml", "ewc_0.01.yaml")),
-                     Arm("ewc-0.0001", ("ewc.yaml", "ewc_0.0001.yaml")), Arm("no-ewc"))),
+                     Arm("ewc-0.0001", ("ewc.yaml", "ewc_0.0001.yaml")), Arm("no-ewc"),
+                     # the oracle: the same streams and articles, fast weights reset at every boundary
+                     Arm("oracle-reset", ("oracle_reset.yaml",)))),
     Experiment("ablate-learner", "feed-forward vs recurrent meta-learner", ("static", "learned"),
                files=ABLATION_BUDGET, arms=(Arm("ff"), Arm("rnn", ("learner_rnn.yaml",)))),
     Experiment("ablate-order", "first- vs second-order meta-gradients", ("static", "learned"),
                files={"cpu": (*ABLATION_BUDGET["cpu"], "wt2_cpu_order.yaml"), "paper": ABLATION_BUDGET["paper"]}, arms=(Arm("first-order"), Arm("second-order", ("second_order.yaml",)))),
-    Experiment("ablate-unroll", "unroll length K of the meta-gradient (same training tokens per arm at CPU scale)", ("static", "learned"),
+    Experiment("ablate-unroll", "unroll length K of the meta-gradient (k1, k4, k16: the same training tokens "
+               "at CPU scale; k1/k16-same-steps: the same outer steps as k4)", ("static", "learned"),
                files=ABLATION_BUDGET, arms=(Arm("k1", {"cpu": ("unroll_1.yaml", "wt2_cpu_unroll_1.yaml"), "paper": ("unroll_1.yaml",)}),
                      Arm("k4", ("unroll_4.yaml",)),
-                     Arm("k16", {"cpu": ("unroll_16.yaml", "wt2_cpu_unroll_16.yaml"), "paper": ("unroll_16.yaml",)}))),
+                     Arm("k16", {"cpu": ("unroll_16.yaml", "wt2_cpu_unroll_16.yaml"), "paper": ("unroll_16.yaml",)}),
+                     # the same outer steps as k4 (96 at CPU scale): 1/4 and 4x its tokens
+                     Arm("k1-same-steps", ("unroll_1.yaml",)), Arm("k16-same-steps", ("unroll_16.yaml",)))),
     Experiment("ablate-layers", "which LSTM layers the meta-learner rewrites (CPU: a 2-layer base)",
                ("static", "learned"), base="multilayer", files=ABLATION_BUDGET,
                arms=(Arm("all"), Arm("layer0", ("adapt_layer_0.yaml",)),
