@@ -880,10 +880,12 @@ PUBLISHED_WT2 = (  # published WikiText-2 perplexities of much larger models: re
     ("meta-learned dynamical LM, ACL 2018 version (Wolf, Chaumond & Delangue, \"Continuous Learning in a "
      "Hierarchical Multiscale Neural Network\")", "", "46.9"),
 )
-MODE_ORDER = ("static", "sgd", "dyneval", "dyneval@lstm", "adam", "cache", "learned")  # the overview's columns
-COMPARISON_ORDER = ("static", "sgd", "dyneval", "dyneval@lstm", "adam", "learned", "cache", "sgd+cache",
-                    "dyneval+cache", "adam+cache", "learned+cache")
-PROTOCOL_EXPERIMENTS = (("article", "2-level"), ("krause", "krause"))  # the comparison table's columns
+MODE_ORDER = ("static", "sgd", "dyneval", "dyneval@lstm", "adam", "cache", "learned",
+              "learned@all")  # the overview's columns
+COMPARISON_ORDER = ("static", "sgd", "dyneval", "dyneval@lstm", "adam", "learned", "learned@all", "cache",
+                    "sgd+cache", "dyneval+cache", "adam+cache", "learned+cache", "learned@all+cache")
+# the comparison table's columns: per protocol, the experiments scoring one base model on the same articles
+PROTOCOL_EXPERIMENTS = (("article", ("2-level", "2-level-all")), ("krause", ("krause",)))
 README_BEGIN = "<!-- BEGIN generated: dynlm experiment --results (CPU WikiText-2 table); do not edit by hand -->"
 README_END = "<!-- END generated: dynlm experiment --results -->"
 
@@ -941,9 +943,27 @@ def _summary(records: list[dict], scale: str, experiment: str) -> dict | None:
     return ((r or {}).get("arms") or [{}])[0].get("summary")
 
 
+def protocol_summary(records: list[dict], scale: str, experiments: tuple[str, ...]) -> dict | None:
+    """The first experiment's summary, with the modes of the others added where they scored the same
+    articles with the same static model (the same static perplexity and article count): one column."""
+    found = [s for s in (_summary(records, scale, e) for e in experiments) if s and s.get("modes")]
+    if not found:
+        return None
+    first, modes = found[0], dict(found[0]["modes"])
+
+    def same_text(s: dict) -> bool:
+        a, b = first["modes"].get("static"), s["modes"].get("static")
+        return bool(a and b) and a["n_articles"] == b["n_articles"] and a["n_tokens"] == b["n_tokens"] \
+            and abs(_ppl(a) - _ppl(b)) < 1e-6 * _ppl(a)
+    for s in found[1:]:
+        if same_text(s):
+            modes.update({m: v for m, v in s["modes"].items() if m not in modes})
+    return {**first, "modes": modes}
+
+
 def comparison_table(records: list[dict], scale: str) -> str:
     """Every mode (rows) under each evaluation protocol (columns) on the same base model and articles."""
-    cols = [(p, _summary(records, scale, e)) for p, e in PROTOCOL_EXPERIMENTS]
+    cols = [(p, protocol_summary(records, scale, e)) for p, e in PROTOCOL_EXPERIMENTS]
     cols = [(p, s) for p, s in cols if s and s.get("modes")]
     if not cols:
         return ""
@@ -984,7 +1004,7 @@ def goal_note(records: list[dict], scale: str) -> str:
     hand-set member of its own family (adam), and which mode is best of those run; said as the numbers
     say it, also when the learned rule loses."""
     r = _record(records, scale, "2-level")
-    s = _summary(records, scale, "2-level")
+    s = protocol_summary(records, scale, dict(PROTOCOL_EXPERIMENTS)["article"])
     if not s or not {"learned", "static"} <= set(s["modes"]):
         return ""
     m = s["modes"]
@@ -994,8 +1014,9 @@ def goal_note(records: list[dict], scale: str) -> str:
         return (f"{a} {_ppl(m[a]):.2f} vs {b} {_ppl(m[b]):.2f}: {a} "
                 + (f"wins by {gap:.2f} ppl" if gap > 0 else f"loses by {-gap:.2f} ppl"))
     parts = [cmp("learned", d) for d in ("dyneval@lstm", "dyneval", "adam") if d in m]
-    if "learned+cache" in m and "dyneval+cache" in m:
-        parts.append(cmp("learned+cache", "dyneval+cache"))
+    # like for like: each learned rule against dyneval of the same weights (LSTM: dyneval@lstm, all: dyneval)
+    parts += [cmp(a, b) for a, b in (("learned@all", "dyneval"), ("learned+cache", "dyneval+cache"),
+                                     ("learned@all+cache", "dyneval+cache")) if a in m and b in m]
     best = min(m, key=lambda k: _ppl(m[k]))
     left_out = (r or {}).get("modes_left_out") or []
     text = (f"**Headline** (`{s.get('protocol', '?')}` protocol, one base model, the first "
@@ -1006,11 +1027,13 @@ def goal_note(records: list[dict], scale: str) -> str:
     if k and "dyneval" in k["modes"] and "static" in k["modes"]:
         km = k["modes"]
         kbest = min(km, key=lambda x: _ppl(km[x]))
+        learned = (f"the learned rule meta-trained for it reaches {_ppl(km['learned']):.2f} "
+                   f"({100 * km['learned']['rel_change_vs_static']:+.1f}%)" if "learned" in km
+                   else "no learned rule has been meta-trained for that protocol yet")
         text += (f" Under `{k.get('protocol', '?')}` protocol (`dynlm experiment krause`; "
                  f"{tuning_clause(k, _record(records, scale, 'krause'))}), dyneval "
                  f"(all weights) reaches {_ppl(km['dyneval']):.2f} ({100 * km['dyneval']['rel_change_vs_static']:+.1f}% "
-                 f"vs static), best of the modes run there: {kbest} ({_ppl(km[kbest]):.2f}); no learned rule has been "
-                 f"meta-trained for that protocol yet.")
+                 f"vs static), {learned}; best of the modes run there: {kbest} ({_ppl(km[kbest]):.2f}).")
     return text
 
 

@@ -362,42 +362,75 @@ def stream_improvement(t: TokenTable, n_articles: int, window: int) -> tuple[np.
     return starts, {m: trailing_mean(t.improvement(m)[:end], starts, window) for m in t.modes}
 
 
+WIKITEXT_MARKS = ((" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."), (" ,", ","), (" .", "."), ("( ", "("),
+                  (" )", ")"), (" 's", "'s"), (" :", ":"), (" ;", ";"))
+
+
+def display_title(title: str) -> str:
+    """A title as a reader writes it: WikiText's tokenised markers joined back ('M @-@ 82 ( Michigan
+    highway )' -> 'M-82 (Michigan highway)'); a title the vocabulary does not hold says so."""
+    for mark, text in WIKITEXT_MARKS:
+        title = title.replace(mark, text)
+    words = title.split()
+    if words and all(w == "<unk>" for w in words):
+        return "(title out of vocabulary)"
+    return title
+
+
 def _article_label(i: int, title: str, chars: int) -> str:
     """'A: title', cut to `chars` characters; only the letter where not even a few title characters fit."""
-    label = f"{_letters(i)}: {title}"
+    label = f"{_letters(i)}: {display_title(title)}"
     if len(label) <= chars:
         return label
     return label[: chars - 1] + "…" if chars >= len(_letters(i)) + 5 else _letters(i)
 
 
+STREAM_ROW_INCHES = 1.0  # height of one mode's panel in stream.png
+
+
+def _reference_mode(modes: list[str]) -> str | None:
+    """The curve drawn in grey in every other panel of stream.png: the learned rule, else the first mode."""
+    return next((m for m in modes if m.split("+")[0].split("@")[0] == "learned"), modes[0] if modes else None)
+
+
 def plot_stream(t: TokenTable, n_articles: int, window: int, path: Path) -> Figure:
-    """The paper's figure: the smoothed per-token improvement of every mode along consecutive articles,
-    on a y-range set by the bulk of the curves (robust_limits), spikes marked on the edge."""
+    """The paper's figure: the smoothed per-token improvement of every mode along consecutive articles.
+    One panel per mode on a shared y-range set by the bulk of the curves (robust_limits; spikes marked
+    on the edge), so that modes whose curves nearly coincide (the LSTM-only rules) stay visible; the
+    learned rule in grey in the other panels as the reference."""
     starts, curves = stream_improvement(t, n_articles, window)
     end = int(starts[-1])
     lo, hi = robust_limits(curves.values())
-    fig = Figure(figsize=(11, 5), dpi=110, layout="constrained")
-    ax = fig.add_subplot()
-    for i, (s, e) in enumerate(zip(starts[:-1], starts[1:])):
-        if i % 2:
-            ax.axvspan(s, e, color="0.93", linewidth=0, zorder=0)
-        if i:
-            ax.axvline(s, color="grey", linestyle="--", linewidth=0.8)
-        label = _article_label(i, t.titles[i], int(STREAM_LABEL_CHARS * (e - s) / max(end, 1)))
-        ax.text((s + e) / 2, 1.01, _label(label), transform=ax.get_xaxis_transform(), fontsize=8,
-                va="bottom", ha="center", clip_on=False)
-    ax.axhline(0, color="black", linewidth=0.8)
+    modes = list(curves)
+    ref = _reference_mode(modes)
+    fig = Figure(figsize=(11, 1.6 + STREAM_ROW_INCHES * max(len(modes), 1)), dpi=110, layout="constrained")
+    axes = fig.subplots(max(len(modes), 1), 1, sharex=True, sharey=True, squeeze=False)[:, 0]
     x = np.arange(end)
-    for mode, y in curves.items():
+    for row, (ax, mode) in enumerate(zip(axes, modes)):
+        for i, (s, e) in enumerate(zip(starts[:-1], starts[1:])):
+            if i % 2:
+                ax.axvspan(s, e, color="0.93", linewidth=0, zorder=0)
+            if i:
+                ax.axvline(s, color="grey", linestyle="--", linewidth=0.8)
+            if row == 0:
+                label = _article_label(i, t.titles[i], int(STREAM_LABEL_CHARS * (e - s) / max(end, 1)))
+                ax.text((s + e) / 2, 1.22, _label(label), transform=ax.get_xaxis_transform(), fontsize=8,
+                        va="bottom", ha="center", clip_on=False)
+        ax.axhline(0, color="black", linewidth=0.6)
+        if ref is not None and mode != ref:
+            ax.plot(x, curves[ref], linewidth=0.8, color="0.6", zorder=1, label="_reference")
         style = mode_style(mode)
-        line, = ax.plot(x, y, linewidth=1, color=style.color, linestyle=style.linestyle)
+        y = curves[mode]
+        line, = ax.plot(x, y, linewidth=1, color=style.color, linestyle=style.linestyle, zorder=2)
         line.set_label(_with_note(mode, _mark_off_scale(ax, x, y, lo, hi, style.color, " nats")))
-    ax.set_xlim(0, max(end, 1))
-    ax.set_ylim(lo, hi)
-    ax.set_xlabel("token in the stream of consecutive articles (A, B, …; dashed: article start)")
-    ax.set_ylabel(f"static NLL − mode NLL (nats/token)\ntrailing mean over {window} tokens within the article")
-    ax.set_title("Per-token loss improvement over static along the stream (higher = mode better)", pad=16)
-    _legend_below(fig, *ax.get_legend_handles_labels())
+        ax.set_title(line.get_label(), loc="left", fontsize=9, color=style.color, fontweight="bold", pad=2)
+    axes[0].set_xlim(0, max(end, 1))
+    axes[0].set_ylim(lo, hi)
+    axes[-1].set_xlabel("token in the stream of consecutive articles (A, B, …; dashed: article start)")
+    fig.supylabel(f"static NLL − mode NLL (nats/token), trailing mean over {window} tokens within the article",
+                  fontsize=9)
+    fig.suptitle("Per-token loss improvement over static along the stream (higher = mode better)"
+                 + (f"; grey: {ref}" if ref is not None and len(modes) > 1 else ""))
     fig.savefig(path)
     return fig
 

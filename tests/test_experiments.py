@@ -345,3 +345,25 @@ def test_missing_wikitext_is_said_by_the_dry_run_and_stops_the_real_run(tmp_path
     assert err.startswith("dynlm experiment: error: 1-level: the WikiText data is not at") and err.count("\n") == 1
     assert "--data-dir" in err and "--data.source=hub" in err
     assert not (tmp_path / "runs" / "experiments" / "cpu" / "static").exists()  # nothing started
+
+
+def test_one_protocol_column_merges_experiments_that_scored_the_same_text():
+    """2-level-all's learned@all joins 2-level's column (same static model, same articles) and the
+    headline compares each learned rule with dyneval of the same weights; an experiment on other text
+    (another static perplexity) is left out of the column rather than mixed in."""
+    from dynlm.experiments import comparison_table, goal_note
+
+    def record(name, modes, static=100.0, n_tokens=900):
+        ms = {m: {"ppl": p, "n_tokens": n_tokens, "n_articles": 3, "rel_change_vs_static": p / static - 1}
+              for m, p in {"static": static, **modes}.items()}
+        return {"scale": "cpu", "experiment": name, "arms": [{"summary": {"modes": ms, "protocol": "article"}}]}
+    two = record("2-level", {"learned": 90.0, "dyneval": 70.0, "dyneval@lstm": 91.0, "dyneval+cache": 60.0})
+    table = comparison_table([two, record("2-level-all", {"learned@all": 75.0, "learned@all+cache": 58.0})], "cpu")
+    rows = {l.split(" | ")[0]: l for l in table.splitlines()}
+    assert "75.00 (-25.0%)" in rows["| learned@all"] and "58.00 (-42.0%)" in rows["| learned@all+cache"]
+    note = goal_note([two, record("2-level-all", {"learned@all": 75.0, "learned@all+cache": 58.0})], "cpu")
+    assert "learned@all 75.00 vs dyneval 70.00: learned@all loses by 5.00 ppl" in note
+    assert "learned@all+cache 58.00 vs dyneval+cache 60.00: learned@all+cache wins by 2.00 ppl" in note
+    assert "Best of the modes run: learned@all+cache" in note
+    other = comparison_table([two, record("2-level-all", {"learned@all": 75.0}, static=101.0)], "cpu")
+    assert "learned@all" not in other

@@ -312,19 +312,24 @@ def test_stream_y_range_ignores_a_huge_spike_at_an_article_start(tmp_path):
     assert max(y.max() for y in spiked.values()) > 150  # the spike is in the curves (8000 / 50 tokens)
 
     fig = plot_stream(t, 3, 50, tmp_path / "stream.png")
-    ax = fig.axes[0]
+    ax = fig.axes[0]  # one panel per mode, one y-range for all
+    assert len(fig.axes) == 2 and all(a.get_ylim() == ax.get_ylim() for a in fig.axes)
     lo, hi = ax.get_ylim()
     span = hi_b - lo_b
     assert lo_b - 0.5 * span <= lo <= 0 <= hi <= hi_b + 0.5 * span  # set by the data without the spike
     p5, p95 = np.percentile(bulk, [5, 95])
     assert lo < p5 and p95 < hi  # the bulk of every curve is on the axis
-    labels = [text.get_text() for text in fig.legends[0].get_texts()]
-    assert len(labels) == 2  # each names where the spike went: 'mode (off-scale ▲1 to +7,999 nats)'
+    labels = [a.get_title(loc="left") for a in fig.axes]
+    assert len(labels) == 2  # each panel names where the spike went: 'mode (off-scale ▲1 to +7,999 nats)'
     assert all(float(re.search(r"off-scale ▲\d+ to \+([\d,.]+) nats", label)[1].replace(",", "")) > 7000
                for label in labels)
     assert labels[0].startswith("dyneval@lstm") and labels[1].startswith("learned+cache")
-    assert "nats" in ax.get_ylabel() and "50 tokens" in ax.get_ylabel()
-    assert [text.get_text() for text in ax.texts] == ["A: Title 0", "B: Title 1", "C: Title 2"]
+    assert "nats" in fig.get_supylabel() and "50 tokens" in fig.get_supylabel()
+    assert [text.get_text() for text in ax.texts if ": " in text.get_text()] == ["A: Title 0", "B: Title 1",
+                                                                                 "C: Title 2"]
+    # the learned rule is the grey reference in every other panel: it is never hidden under a baseline
+    ref = [[line for line in a.get_lines() if line.get_label() == "_reference"] for a in fig.axes]
+    assert [len(r) for r in ref] == [1, 0] and "grey: learned+cache" in fig.get_suptitle()
     assert (tmp_path / "stream.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -354,8 +359,8 @@ def test_mode_names_with_at_plus_dollar_underscore_render(tmp_path):
     assert all(report.files[name].read_bytes()[:4] == b"\x89PNG" for name in ("improvement", "stream", "histogram"))
     assert list(csv.reader(open(report.files["curve"])))[0][4:] == list(modes)
     fig = plot_stream(load_tokens(tmp_path), 3, 50, tmp_path / "s.png")
-    texts = fig.legends[0].get_texts()
-    assert len(texts) == 4  # a leading '_' would have hidden the entry
+    texts = [a._left_title for a in fig.axes]
+    assert len(texts) == 4  # one panel per mode, each named
     # drawn literally: no mathtext for '$'
     shown = [tx._preprocess_math(tx.get_text())[0].split(" (")[0].strip() for tx in texts]
     assert shown == list(modes)
@@ -429,3 +434,11 @@ def test_histogram_bins_have_an_edge_at_zero():
         edges = bins_around_zero(lo, hi, n)
         assert edges[0] <= lo and edges[-1] >= hi and len(edges) >= 2 and np.isclose(edges, 0).any()
         assert np.allclose(np.diff(edges), np.diff(edges)[0])  # equal widths
+
+
+def test_article_titles_are_shown_as_written_not_as_wikitext_tokens():
+    from dynlm.report import display_title
+    assert display_title("M @-@ 82 ( Michigan highway )") == "M-82 (Michigan highway)"
+    assert display_title("1 @,@ 000 Guineas") == "1,000 Guineas"
+    assert display_title("Frank <unk>") == "Frank <unk>"  # the corpus itself hides the rare word
+    assert display_title("<unk> <unk>") == "(title out of vocabulary)"
