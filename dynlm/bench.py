@@ -24,7 +24,6 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -38,7 +37,8 @@ from torch import Tensor, nn
 from .config import Config, ConfigError, from_dict, to_dict
 from .data.streams import Chunk
 from .textio import write_json
-from .device import autocast
+from .device import autocast, resolve_device
+from .gitinfo import git_state
 from .model import LSTMLM, Params, State
 from .model.regularizers import embedding_dropout, locked_dropout
 from .cache import CacheSettings, cache_step, empty_cache
@@ -50,7 +50,6 @@ from .roofline import META_TRAFFIC, fraction_of_bound, online_bytes_per_token, t
 from .train.meta import meta_parameters
 from .unroll import Reader, TruncatedUnroll, chunk_step, start_reader
 
-REPO = Path(__file__).resolve().parents[1]
 POOL_CHUNKS = 8  # distinct chunks per shape, read in turn
 HEADLINE_RATIOS = ("dyneval_vs_static_train", "learned_vs_dyneval", "metatrain_first_order_vs_static_train",
                    "memory_k64_vs_k4_checkpointed", "memory_k64_vs_k4_plain", "functional_vs_nn_lstm_train")
@@ -62,12 +61,6 @@ def check_bench_config(cfg: Config) -> None:
     b = cfg.bench
     if b.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"bench.device={b.device} but CUDA is not available on this machine")
-
-
-def resolve_bench_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def uses_bf16(cfg: Config, device: torch.device) -> bool:
@@ -202,7 +195,7 @@ class Bench:
             torch.cuda.synchronize(self.device)
 
     def compiles(self, rule_cfg) -> bool:
-        """Whether LearnedRule.compile() applies to at least one adapted tensor at this batch size."""
+        """Whether LearnedRule.fused() applies to at least one adapted tensor at this batch size."""
         return (rule_cfg.compile and rule_cfg.learner_hidden == 0
                 and any(self.streams * self.params[k].numel() >= COMPILE_MIN for k in self.names))
 
@@ -679,31 +672,8 @@ def _cpu_model() -> str:
 
 
 def git_info() -> dict:
-    def git(*args) -> str:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, encoding="utf-8", errors="replace",
-                              check=True).stdout.strip()
-    try:
-        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "dirty": None}
-
-
-@contextlib.contextmanager
-def _room_for_recompiles(cfg: Config, limit: int = 64):
-    """This one process runs the learned update in many settings (evaluation, first- and second-order
-    meta-training, checkpointed recomputation): more guard sets than torch.compile's default
-    recompile limit (8) per function, past which it would quietly run the rest eager."""
-    if not cfg.rule.compile:
-        yield
-        return
-    import torch._dynamo.config as dynamo
-
-    before = dynamo.recompile_limit
-    dynamo.recompile_limit = max(before, limit)
-    try:
-        yield
-    finally:
-        dynamo.recompile_limit = before
+    commit, dirty = git_state()
+    return {"commit": commit, "dirty": dirty}
 
 
 @contextlib.contextmanager
@@ -720,10 +690,10 @@ def _threads(n: int):
 def run_bench(cfg: Config, out: Path) -> dict:
     """Measure, print the tables, write `out` (JSON); returns the result."""
     check_bench_config(cfg)
-    device = resolve_bench_device(cfg.bench.device)
+    device = resolve_device(cfg.bench.device)
     b = cfg.bench
     start = time.perf_counter()
-    with _threads(b.threads), _room_for_recompiles(cfg):
+    with _threads(b.threads):
         info = machine_info(device)
         bench = Bench(cfg, device, b.batch_size)
         n_params = sum(v.numel() for v in bench.params.values())

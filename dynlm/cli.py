@@ -155,10 +155,8 @@ def _check_against(ck: dict, cfg, path) -> None:
 
 def _signal_exit_code(result: dict) -> int:
     """SIGINT/SIGTERM stopped the run (checkpoint saved): 128 + signal number, as a shell reports it."""
-    if result.get("stopped_by"):
-        import signal
-        return 128 + signal.Signals[result["stopped_by"]].value
-    return 0
+    from .signals import signal_exit_code
+    return signal_exit_code(result["stopped_by"]) if result.get("stopped_by") else 0
 
 
 def cmd_evaluate(args, extra):

@@ -30,8 +30,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
-import subprocess
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -47,7 +45,9 @@ from .config import Config, ConfigError, load_config, save_config, to_dict
 from .data.errors import DataError
 from .data.wikitext import wikitext_files
 from .run_eval import check_modes, evaluate_checkpoint, params_fingerprint
+from .gitinfo import git_state
 from .report import render_report
+from .signals import signal_exit_code
 from .textio import dumps, number, open_csv, read_json, read_text
 from .train.meta import check_meta_config, metatrain
 from .train.setup import prepare_data
@@ -314,17 +314,8 @@ DIRTY_PATHS = ("dynlm", "experiments/*.yaml", "pyproject.toml")  # what the numb
 
 def git_commit() -> str:
     """HEAD of the repository, '+dirty' when its code or experiment files have uncommitted changes."""
-    try:
-        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                              encoding="utf-8", errors="replace", timeout=20)
-        if head.returncode:
-            return "unknown"
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no", "--",
-                                *DIRTY_PATHS],
-                               capture_output=True, encoding="utf-8", errors="replace", timeout=20).stdout.strip()
-        return head.stdout.strip() + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    head, dirty = git_state(DIRTY_PATHS)
+    return "unknown" if head is None else head[:12] + ("+dirty" if dirty else "")
 
 
 def _now() -> str:
@@ -339,8 +330,7 @@ def _with_out(cfg: Config, run_dir: Path) -> Config:
 
 def _stopped(result: dict) -> None:
     if result.get("stopped_by"):
-        name = result["stopped_by"]
-        raise Stopped(128 + signal.Signals[name].value if name in signal.Signals.__members__ else 1)
+        raise Stopped(signal_exit_code(result["stopped_by"]))
 
 
 def describe_data(cfg: Config) -> str:

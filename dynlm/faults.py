@@ -37,12 +37,6 @@ def _as_float(x) -> float:
     return float(x)
 
 
-def grads_finite(params) -> bool:
-    """True when every existing .grad is finite (one fused reduction per tensor, one sync)."""
-    flags = [torch.isfinite(p.grad).all() for p in params if p.grad is not None]
-    return bool(torch.stack(flags).all()) if flags else True
-
-
 class FaultGuard:
     def __init__(self, max_consecutive: int = 5, where: str = "train", verbose: bool = True):
         if max_consecutive < 1:

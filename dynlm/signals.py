@@ -26,6 +26,14 @@ import threading
 DEFAULT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+def signal_exit_code(sig: int | str) -> int:
+    """The shell convention for 'ended by signal N' (128 + N), so `&&` chains stop; sig a number or a
+    name ('SIGTERM'); 1 for a name this platform does not know."""
+    if isinstance(sig, str):
+        return 128 + signal.Signals[sig].value if sig in signal.Signals.__members__ else 1
+    return 128 + int(sig)
+
+
 class StopOnSignals:
     def __init__(self, signals=DEFAULT_SIGNALS, message: str = "will save a checkpoint and stop after this step"):
         self.signals = tuple(signals)
@@ -47,7 +55,7 @@ class StopOnSignals:
     @property
     def exit_code(self) -> int:
         """The shell convention for 'ended by signal N' (128 + N), so `&&` chains stop; 0 if none."""
-        return 128 + self.signum if self.signum is not None else 0
+        return signal_exit_code(self.signum) if self.signum is not None else 0
 
     def request(self, signum: int = signal.SIGTERM) -> None:
         """Ask for a stop programmatically (tests, or a rank told by another rank)."""

@@ -129,18 +129,6 @@ class Tracker:
                 xs=list(xs), ys=[list(v) for v in ys_by_name.values()], keys=list(ys_by_name),
                 title=title or key, xname=xname)}))
 
-    def log_artifact(self, path, name: str, type: str) -> None:
-        if not self.enabled:
-            return
-
-        def _do():
-            art = self._wandb.Artifact(name, type=type)
-            p = Path(path)
-            art.add_dir(str(p)) if p.is_dir() else art.add_file(str(p))
-            self.run.log_artifact(art)
-
-        self._call("log_artifact", _do)
-
     def summary(self, d: dict) -> None:
         if not self.enabled:
             return

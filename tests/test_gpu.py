@@ -135,7 +135,7 @@ def test_learned_update_compiled_equals_eager(monkeypatch):
             q.add_(0.3 * torch.randn(q.shape, generator=g).to(DEVICE))
     compiled = LearnedRule(names, init_lr=0.05).to(DEVICE)
     compiled.load_state_dict(eager.state_dict())
-    compiled.compile()
+    compiled.fused()
     state = eager.init_state(fast)
     for _ in range(2):  # the second update reads the state the first wrote
         want, want_state, _ = eager.update(fast, grads, theta0, state, loss)

@@ -168,7 +168,7 @@ def test_compiled_update_agrees_with_eager(monkeypatch):
     inputs = random_inputs(dtype=torch.float32, batch=5)
     F = {k: torch.rand(s, generator=torch.Generator().manual_seed(3)) * 3 for k, s in SHAPES.items()}
     eager = random_rule("magnitude", dtype=torch.float32)
-    compiled = random_rule("magnitude", dtype=torch.float32).compile()
+    compiled = random_rule("magnitude", dtype=torch.float32).fused()
     eager.consolidation = compiled.consolidation = F
     with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

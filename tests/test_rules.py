@@ -308,3 +308,13 @@ def test_dyneval_without_decay_is_rms_normalised_sgd():
     ms = {"w": torch.tensor([0.1, 0.2, 0.6])}
     new, _, _ = DynEvalRule(ms, 0.01, 0.0, 1e-3).update(fast, grads, theta0, {}, torch.zeros(1))
     torch.testing.assert_close(new["w"], fast["w"] - 0.01 * grads["w"] / (ms["w"] + 1e-3))
+
+
+def test_dyneval_coefficients_move_with_the_rule():
+    """`.to()` moves Krause's per-tensor coefficients too (they live in dicts keyed by weight names)."""
+    from dynlm.rules import DynEvalRule
+    rule = DynEvalRule({"lstm.w_hh0": torch.full((4, 3), 0.5)}, lr=1e-3, lamb=1e-2, eps=1e-4)
+    rule.log_keep("lstm.w_hh0")
+    rule.double()
+    assert all(t["lstm.w_hh0"].dtype == torch.float64
+               for t in (rule.ms, rule.decrate, rule.pull, rule.step, rule._log_keep))

@@ -1,7 +1,6 @@
 """AWD-LSTM's small regularisers, as pure functions."""
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 

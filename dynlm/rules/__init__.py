@@ -48,7 +48,7 @@ def make_rule(mode: str, cfg: RuleConfig, names: list[str], ms=None, learner_sta
             rule.load_state_dict(learner_state)
         if consolidation:
             rule.consolidation = consolidation
-        return rule.compile() if cfg.compile else rule
+        return rule.fused() if cfg.compile else rule
     raise ValueError(f"unknown rule {mode!r}; available: {', '.join(RULES)}")
 
 

@@ -25,7 +25,7 @@ class DynEvalRule(Rule):
     def __init__(self, ms: dict[str, torch.Tensor], lr: float, lamb: float, eps: float):
         super().__init__()
         self.lr, self.lamb, self.eps = lr, lamb, eps
-        self.ms = ms
+        self.ms = dict(ms)
         # Krause's normaliser: the mean over tensors of each tensor's mean MS (not over coordinates)
         mean = torch.stack([m.mean() for m in ms.values()]).mean()
         # clipped at 1 / lamb so that the pull lamb * decrate stays <= 1; lamb = 0: no pull towards theta0
@@ -33,6 +33,15 @@ class DynEvalRule(Rule):
         self.pull = {k: lamb * d for k, d in self.decrate.items()}  # a, in [0, 1]
         self.step = {k: lr / (m + eps) for k, m in ms.items()}  # c
         self._log_keep: dict[str, torch.Tensor] = {}  # log(1 - a) of the lazily decayed weights
+
+    def _apply(self, fn, recurse=True):
+        """`.to(device)` / `.double()` move the per-tensor coefficients too (plain dicts keyed by weight
+        names, which may contain dots, so not buffers)."""
+        super()._apply(fn, recurse)
+        for table in (self.ms, self.decrate, self.pull, self.step, self._log_keep):
+            for k, v in table.items():
+                table[k] = fn(v)
+        return self
 
     def log_keep(self, name: str) -> torch.Tensor:
         if name not in self._log_keep:  # -inf (a = 1) clamped, so that n = 0 gives a factor of exactly 1

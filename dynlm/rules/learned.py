@@ -58,6 +58,17 @@ EPS = 1e-8
 LOG_GRAD_FLOOR = 1e-3  # log_grad = log(|g| / rms(g) + floor): a zero gradient reads log(1e-3) = -6.9
 CONSOLIDATION_FLOOR = 1e-4  # consolidation = log(max(F, floor))
 COMPILE_MIN = 1 << 20  # coordinates (over all streams) from which a compiled update pays off
+# one process runs the update in many settings (evaluation, first- and second-order meta-training,
+# checkpointed recomputation, the first steps): more guard sets than torch.compile's default limit (8)
+# per function, past which it would quietly run the rest eager
+RECOMPILE_LIMIT = 64
+
+
+def _room_for_recompiles():
+    """torch.compile's recompile limit raised to RECOMPILE_LIMIT for the duration of one call."""
+    dynamo = torch._dynamo.config
+    name = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+    return dynamo.patch({name: max(getattr(dynamo, name), RECOMPILE_LIMIT)})
 
 
 def _inv_rms(x: Tensor) -> Tensor:
@@ -210,22 +221,19 @@ class LearnedRule(Rule):
             self.body.input_size = n_in
         self.features, self.n_in = features, n_in
 
-    def compile(self) -> "LearnedRule":
+    def fused(self) -> "LearnedRule":
         """Fuse the hidden-0 update into one pass over the weights with torch.compile, for tensors of
         at least COMPILE_MIN coordinates (eager makes ~20 passes over B copies of every weight;
-        small tensors are not worth the compile time)."""
+        small tensors are not worth the compile time). Not nn.Module.compile, which compiles forward."""
         if self.hidden == 0:
-            # a few variants get compiled (eval vs meta, ff vs rnn, first steps): room for all of them
-            dynamo = torch._dynamo.config
-            limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
-            setattr(dynamo, limit, max(getattr(dynamo, limit), 64))
             self._compiled = {k: torch.compile(fn, dynamic=True) for k, fn in GATED_UPDATES.items()}
         return self
 
     def _linear(self, w, *args):
         if self._compiled is not None and w.numel() >= COMPILE_MIN:
             try:
-                return self._compiled[self.features](w, *args)
+                with _room_for_recompiles():
+                    return self._compiled[self.features](w, *args)
             except Exception as e:  # no C++ compiler, unsupported backend...: stay correct, just slower
                 warnings.warn(f"torch.compile of the learned rule failed ({type(e).__name__}: {e}); running eager")
                 self._compiled = None
