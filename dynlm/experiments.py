@@ -1134,10 +1134,23 @@ def render_results(records: list[dict]) -> str:
     return "\n".join(out)
 
 
+def comparison_commands(records: list[dict], scale: str) -> list[str]:
+    """The commands whose records fill the comparison table, one per experiment, in column order."""
+    found = [_record(records, scale, e) for _, exps in PROTOCOL_EXPERIMENTS for e in exps]
+    return [r["command"] for r in found if r and r.get("command")]
+
+
 def readme_section(records: list[dict]) -> str:
     table = overview_table(records, "cpu") or "_No CPU experiment has been run yet._"
-    return "\n".join([README_BEGIN, "", "Validation perplexity on WikiText-2 at CPU scale (one small base model; "
-                      "relative change vs static in brackets; details, commits and commands in "
+    comparison = comparison_table(records, "cpu")
+    lead = []
+    if comparison:
+        commands = "\n".join(comparison_commands(records, "cpu"))
+        lead = ["Every mode on the first 20 WikiText-2 validation articles, one CPU-scale base model, under both "
+                "evaluation protocols (perplexity; change vs static in brackets; every tuned mode tuned on other "
+                "validation articles):", "", comparison, "", f"```bash\n{commands}\n```", "", goal_note(records, "cpu"),
+                ""]
+    return "\n".join([README_BEGIN, "", *lead, "Every experiment run so far (details, commits and commands in "
                       "[experiments/RESULTS.md](experiments/RESULTS.md)):", "", table, "",
                       "For orientation only, published numbers of a much larger model (AWD-LSTM: 3 layers of "
                       "1150 units, 33M parameters, long GPU training), not produced by this code:", "",
