@@ -345,7 +345,9 @@ def describe_learner(cfg: Config) -> str:
     m, r = cfg.meta, cfg.rule
     parts = [f"{r.learner} learner" + (f" (hidden {r.learner_hidden})" if r.learner_hidden else ""),
              f"K={m.unroll} x {m.chunk} tokens", "second-order" if m.second_order else "first-order",
-             f"boundary {m.boundary}", f"layers {r.layers or 'all'}"]
+             f"boundary {m.boundary}", f"layers {r.layers or 'all'}", f"weights {r.weights}"]
+    if m.theta0_lr:
+        parts.append(f"theta0 learned (outer lr {m.theta0_lr:g})")
     if m.ewc_lambda:
         parts.append(f"EWC {m.ewc_lambda:g}")
     return ", ".join(parts)

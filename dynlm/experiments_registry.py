@@ -116,6 +116,9 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
                      Arm("k16", {"cpu": ("unroll_16.yaml", "wt2_cpu_unroll_16.yaml"), "paper": ("unroll_16.yaml",)}),
                      # the same outer steps as k4 (96 at CPU scale): 1/4 and 4x its tokens
                      Arm("k1-same-steps", ("unroll_1.yaml",)), Arm("k16-same-steps", ("unroll_16.yaml",)))),
+    Experiment("ablate-theta0", "theta0 fixed (the static model's) vs meta-trained with the learner (the "
+               "long-term level learned)", ("static", "learned"), files=ABLATION_BUDGET,
+               arms=(Arm("fixed"), Arm("learned", ("learned_theta0.yaml",)))),
     Experiment("ablate-layers", "which LSTM layers the meta-learner rewrites (CPU: a 2-layer base)",
                ("static", "learned"), base="multilayer", files=ABLATION_BUDGET,
                arms=(Arm("all"), Arm("layer0", ("adapt_layer_0.yaml",)),

@@ -47,11 +47,12 @@ def test_every_experiment_config_loads_and_validates(name, scale):
             assert cfg.data.path.endswith("wikitext-2")
             if name.startswith("ablate-") or name == "3-level":
                 # short step budgets (not minutes: a rerun reproduces them), a subset of the articles
-                assert cfg.meta.max_minutes == 0 and cfg.meta.steps * cfg.meta.unroll <= 400
+                same_steps = ac.arm.name == "k16-same-steps"  # 4x the tokens of k4, by design
+                assert cfg.meta.max_minutes == 0 and cfg.meta.steps * cfg.meta.unroll <= 400 * (1 + 3 * same_steps)
                 assert cfg.eval.max_articles > 0
         assert all(0 <= l < cfg.model.n_layers for l in cfg.rule.layers)
         assert (cfg.data.tokenizer == "sentencepiece") == name.endswith("-sp")
-        if exp.learner:  # one base model for static, the baselines and learned
+        if exp.learner and (name, ac.arm.name) != ("ablate-theta0", "learned"):  # one base model for all
             assert cfg.meta.theta0_lr == 0 and cfg.meta.static_lr == 0
     if name in ("baselines", "2-level", "krause"):  # every comparison table names its protocol
         protocol = {"krause": "krause"}.get(name, "article")
@@ -60,13 +61,20 @@ def test_every_experiment_config_loads_and_validates(name, scale):
             t, e = configs.arms[0].cfg.tune, configs.arms[0].cfg.eval
             assert t.articles == 0 and t.tokens >= 30000 and t.skip_articles >= e.max_articles > 0
     if name == "3-level":
-        *ewc, plain = (ac.cfg.meta for ac in configs.arms)
+        # the EWC arms, one without it, and the oracle that knows the boundaries (reset there, same streams)
+        *ewc, plain, oracle = (ac.cfg.meta for ac in configs.arms)
         assert {m.boundary for m in (*ewc, plain)} == {"continuous"} and plain.ewc_lambda == 0
+        assert oracle.boundary == configs.arms[-1].cfg.eval.boundary == "reset" and oracle.ewc_lambda == 0
+        assert len({(ac.cfg.eval.batch_size, ac.cfg.eval.max_articles) for ac in configs.arms}) == 1
         assert all(m.ewc_lambda > 0 for m in ewc) and len({m.ewc_lambda for m in ewc}) == len(ewc)
         if scale == "cpu":  # fewer streams than articles: every stream carries its weights across boundaries
             assert all(ac.cfg.eval.batch_size < ac.cfg.eval.max_articles for ac in configs.arms)
-    if name == "ablate-unroll" and scale == "cpu":  # the arms read the same number of training tokens
-        assert len({ac.cfg.meta.steps * ac.cfg.meta.unroll for ac in configs.arms}) == 1
+    if name == "ablate-unroll" and scale == "cpu":  # k1, k4, k16 read the same number of training tokens
+        arms = {ac.arm.name: ac.cfg.meta for ac in configs.arms}
+        assert len({arms[k].steps * arms[k].unroll for k in ("k1", "k4", "k16")}) == 1
+        # and the *-same-steps arms take as many outer steps as k4
+        assert {arms[k].steps for k in ("k4", "k1-same-steps", "k16-same-steps")} == {arms["k4"].steps}
+        assert (arms["k1-same-steps"].unroll, arms["k16-same-steps"].unroll) == (1, 16)
     if name == "ablate-layers":
         assert [ac.cfg.rule.layers for ac in configs.arms] == [[], [0], [configs.static.model.n_layers - 1]]
         assert configs.static.model.n_layers >= 2
