@@ -131,8 +131,16 @@ def chunk_step(lm: LSTMLM, params: Params, theta0: Params, rule: Rule, reader: R
     # The inner gradient is a constant in first order, so it is taken outside the checkpointed region:
     # an autograd.grad inside it would unpack (recompute and keep) the region's tensors during forward.
     inner = _inner_gradient(lm, params, reader, chunk) if rule.adapts else None
-    return torch.utils.checkpoint.checkpoint(_chunk_step, lm, params, theta0, rule, reader, chunk, meta, False, inner,
-                                             use_reentrant=False)
+    return torch.utils.checkpoint.checkpoint(_eager_chunk_step, lm, params, theta0, rule, reader, chunk, meta, False,
+                                             inner, use_reentrant=False)
+
+
+def _eager_chunk_step(lm, params, theta0, rule, *args):
+    """_chunk_step with the rule's update eager, in forward and in the recomputation alike: a compiled
+    update (its own autograd node) recomputed inside torch.utils.checkpoint's backward breaks the
+    checkpoint's bookkeeping of saved tensors ("target_frame.early_stop is set")."""
+    with rule.eager():
+        return _chunk_step(lm, params, theta0, rule, *args)
 
 
 def _inner_gradient(lm, params, reader, chunk) -> tuple[Params, Tensor]:

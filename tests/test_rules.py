@@ -318,3 +318,25 @@ def test_dyneval_coefficients_move_with_the_rule():
     rule.double()
     assert all(t["lstm.w_hh0"].dtype == torch.float64
                for t in (rule.ms, rule.decrate, rule.pull, rule.step, rule._log_keep))
+
+
+def test_checkpointed_unroll_with_the_compiled_update_gives_the_same_meta_gradients(monkeypatch):
+    """A compiled (fused) update inside a checkpointed chunk step crashed the backward pass
+    ("target_frame.early_stop is set"): checkpointed steps run the update eager, forward and
+    recomputation alike, and give the plain unroll's meta-gradients."""
+    import dynlm.rules.learned as learned
+    monkeypatch.setattr(learned, "COMPILE_MIN", 1)  # the tiny model's tensors take the compiled path
+    torch.manual_seed(0)
+    lm, p = tiny_lm()
+    names = lm.lstm_names()
+    theta0 = {k: p[k].clone().requires_grad_() for k in names}
+    rule = LearnedRule(names, init_lr=0.05).fused()
+    data = chunks(3)
+    wrt = list(rule.parameters())
+    plain = torch.autograd.grad(unrolled_loss(lm, p, rule, theta0, data, False), wrt)
+    if rule._compiled is None:
+        pytest.skip("torch.compile is not available here (the rule fell back to eager)")
+    ckpt = torch.autograd.grad(unrolled_loss(lm, p, rule, theta0, data, False, checkpoint=True), wrt)
+    for a, b in zip(plain, ckpt):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)
+    assert rule._compiled is not None  # compiled again once the checkpointed steps are done

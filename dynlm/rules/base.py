@@ -8,6 +8,8 @@ which writes the rows a chunk read back into the reader's own embedding.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor, nn
 
@@ -25,6 +27,10 @@ class Rule(nn.Module):
 
     def init_state(self, fast: Params) -> RuleState:
         return {}
+
+    def eager(self):
+        """A context in which the update runs without torch.compile (rules that compile override it)."""
+        return contextlib.nullcontext()
 
     def update(self, fast: Params, grads: Params, theta0: Params, state: RuleState, loss: Tensor,
                rows: dict[str, Tensor] | None = None) -> tuple[Params, RuleState, dict]:

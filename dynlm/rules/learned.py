@@ -37,6 +37,7 @@ log_grad, a per-stream shift of the bias), so it costs nothing per coordinate.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 
@@ -228,6 +229,15 @@ class LearnedRule(Rule):
         if self.hidden == 0:
             self._compiled = {k: torch.compile(fn, dynamic=True) for k, fn in GATED_UPDATES.items()}
         return self
+
+    @contextlib.contextmanager
+    def eager(self):
+        """The update without torch.compile for the duration (checkpointed meta-steps, see unroll.py)."""
+        compiled, self._compiled = self._compiled, None
+        try:
+            yield
+        finally:
+            self._compiled = compiled
 
     def _linear(self, w, *args):
         if self._compiled is not None and w.numel() >= COMPILE_MIN:
