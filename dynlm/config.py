@@ -230,7 +230,7 @@ class MetaConfig:
     theta0_lr: NonNegFloat = 0.0  # outer Adam on theta0 (0: theta0 stays the static model's, so `static` stays comparable)
     clip: PosFloat = 1.0  # meta-gradient norm clipping
     second_order: Bool = False  # create_graph through the inner gradients
-    checkpoint: Bool = False  # gradient checkpointing of chunk steps: memory flat in the unroll length
+    checkpoint: Bool = False  # gradient checkpointing of chunk steps: keeps each step's inputs, so memory still grows with K (8.2x from K=4 to 64, vs 13.8x without)
     boundary: Boundary = "reset"  # reset: fast weights back to theta0 at article starts | continuous (3-level)
     ewc_lambda: NonNegFloat = 0.0  # continuous: weight of the Fisher-weighted distance of fast weights from theta0
     ewc_chunks: Count = 50  # training chunks for the diagonal Fisher estimate

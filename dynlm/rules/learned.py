@@ -2,9 +2,16 @@
 LSTM weights while reading (the medium-term memory of Wolf, Chaumond & Delangue 2018).
 
 Per coordinate it sees features of the gradient, the weight and its drift from theta0 (see
-FEATURE_SETS), plus the chunk loss per stream, and outputs a forget gate f and an input gate i:
+FEATURE_SETS); per stream it also reads the chunk loss (the stream's mean NLL on the chunk, in nats)
+scaled by 1/10, which shifts the biases of both gates (`bias_shift = loss / 10 * loss_coef` in
+`update`). It outputs a forget gate f and an input gate i per coordinate:
 
+    (logit_f, logit_i) = net(features) + gate_bias[tensor] + (loss / 10) * loss_coef
+    f, i = sigmoid(logit_f), sigmoid(logit_i)
     theta' = theta0 + f * (theta - theta0) - 2 lr * i * step,      step = clip(g / sqrt(v))
+
+net is linear in the features for hidden 0 (`coef`), else an MLP or a GRU cell (below); gate_bias
+and lr = exp(log_lr) are learned per tensor, loss_coef is shared.
 
 f = 1 keeps (COPY), f -> 0 falls back to the static weight (FLUSH), i * step moves (UPDATE).
 
