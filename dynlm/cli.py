@@ -223,7 +223,7 @@ def cmd_demo(args, extra):
     from .experiments_registry import EXPERIMENTS_DIR
     say_next(("dynlm experiment 2-level --dry-run", "the same pipeline on WikiText-2 (plans it; README: Results)"),
              (f"dynlm train --config {_q(_shown(EXPERIMENTS_DIR / 'wt2_cpu_static.yaml'))} --out runs/wt2",
-              "or a static model of your own (README: Score your own text)"))
+              "or a static model of your own (docs/usage.md: Score your own text)"))
 
 
 def cmd_config(args, extra):

@@ -1,4 +1,4 @@
-"""WikiText files -> articles, with the strict title rule (see shared/data/README.md)."""
+"""WikiText files -> articles, with the strict title rule: a line ` = Title = ` (one `=` each side) starts an article."""
 from __future__ import annotations
 
 import codecs
