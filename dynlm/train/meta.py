@@ -30,7 +30,7 @@ from ..progress import interactive, progress
 from ..rules import adapted_names, compute_grad_rms, learner_parameters, make_rule, with_consolidation
 from ..signals import StopOnSignals
 from ..tracking import Tracker
-from ..unroll import HeldUpdate, Reader, TruncatedUnroll, reset_rows
+from ..unroll import HeldUpdate, Reader, Stepper, TruncatedUnroll, reset_rows
 from .setup import prepare_data
 
 RESUME_MUST_MATCH = ("model", "data", "rule.learner", "rule.learner_hidden", "rule.learner_features", "rule.layers",
@@ -223,8 +223,8 @@ def _metatrain(cfg: Config, run_dir: Path, init: Path | None, resume: bool, dinf
         return {"meta/valid_ppl_static": static_valid_ppl, "meta/valid_ppl_learned": learned,
                 "meta/valid_rel_change": learned / static_valid_ppl - 1}
 
-    unroll = TruncatedUnroll(lm, rule, m.unroll, second_order=m.second_order, checkpoint=m.checkpoint,
-                             fisher=fisher, boundary=m.boundary)
+    unroll = TruncatedUnroll(Stepper(lm, static, theta0, rule, boundary=m.boundary, meta=True,
+                                     second_order=m.second_order, checkpoint=m.checkpoint), m.unroll, fisher=fisher)
     tracker = Tracker(cfg.log, run_dir, to_dict(cfg), job_type="metatrain", enabled=main)
     positions = reading_positions(train_arts, cfg, tok.eos_id, epoch, chunk_idx, dinfo)
     start, window_start, window_tokens = time.perf_counter(), time.perf_counter(), 0
@@ -236,8 +236,7 @@ def _metatrain(cfg: Config, run_dir: Path, init: Path | None, resume: bool, dinf
             read = [next(positions) for _ in range(m.unroll)]
             epoch, c, layout = read[-1]
             # a new epoch (chunk 0) reads a new layout: new streams
-            meta_step = unroll({**static, **theta0}, theta0, reader, [(lay.chunk(i).to(device), i == 0)
-                                                                      for _, i, lay in read])
+            meta_step = unroll(reader, [(lay.chunk(i).to(device), i == 0) for _, i, lay in read])
             for r in meta_step.chunks:  # the static model on the same chunks: the gain we are after
                 chunk = r.chunk
                 if static_hidden is None or r.restarted:
@@ -267,7 +266,7 @@ def _metatrain(cfg: Config, run_dir: Path, init: Path | None, resume: bool, dinf
                 reader = meta_step.reader  # truncated: keep reading the same articles
             else:  # the streams' memory may hold NaNs: restart it from theta0
                 opt.zero_grad(set_to_none=True)
-                reader = unroll.start(theta0, layout.n_streams, device)
+                reader = unroll.start(layout.n_streams, device)
             del meta_step  # the graph
             step += 1
             tokens += n_global
