@@ -48,7 +48,7 @@ from .rules import adapted_names, compute_grad_rms, make_rule
 from .rules.learned import COMPILE_MIN
 from .roofline import META_TRAFFIC, fraction_of_bound, online_bytes_per_token, triad_bandwidth
 from .train.meta import meta_parameters
-from .unroll import Reader, Stepper, TruncatedUnroll
+from .unroll import Reader, Stepper, TruncatedUnroll, as_dtype
 
 REPO = Path(__file__).resolve().parents[1]
 POOL_CHUNKS = 8  # distinct chunks per shape, read in turn
@@ -238,7 +238,7 @@ class Bench:
             grad_norm = torch.nn.utils.clip_grad_norm_(trained, cfg.train.clip)
             if math.isfinite(float(grad_norm)):  # the fault guard's check (a device sync, as in training)
                 opt.step()
-            state[0] = [(h.float(), c.float()) for h, c in hidden]
+            state[0] = as_dtype(hidden, torch.float32)  # autocast's bf16 back, as train/static.py does
 
         notes = "weight_drop not applied" if model == "nn" and cfg.model.weight_drop > 0 else ""
         return Workload(name, label, "static train", length, pool.tokens_per_chunk * cfg.bench.steps,
