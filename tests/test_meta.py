@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import REPO, SLOW_CHILD, TINY, run_torchrun
-from dynlm.checkpoint import load_checkpoint
+from dynlm.checkpoint import load_checkpoint, save_checkpoint
 from dynlm.cli import main
 from dynlm.config import load_config
 from dynlm.data.sources import load_articles
@@ -99,6 +99,35 @@ def test_sigkill_then_resume_equals_uninterrupted_metatrain(base, cache_dir, tmp
         assert torch.equal(learner_a[k], learner_b[k]), k
     for k in params_a:
         assert torch.equal(params_a[k], params_b[k]), k
+
+
+def test_resume_checks_the_data_signature_and_still_takes_checkpoints_without_one(base, cache_dir, tmp_path, capsys):
+    """Meta checkpoints hold the data signature since the shared run loop; older ones (without it, and
+    without per-rank RNG) still resume exactly, and a signature that disagrees is refused."""
+    args = ["--meta.steps=4", "--meta.checkpoint_every=2", "--meta.keep_checkpoints=10"]
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    assert metatrain(base, reference, cache_dir, *args) == 0
+    shutil.copytree(reference, run)
+    ckpts = run / "checkpoints"
+    ck = load_checkpoint(ckpts / "ckpt_step00000002.pt")
+    assert ck["data_signature"]["n_articles"] > 0
+
+    def rewind_to(state):  # as if the run had died right after step 2, with `state` on disk
+        for p in ckpts.glob("*.pt"):
+            p.unlink()
+        save_checkpoint(state, ckpts / "ckpt_step00000002.pt")
+        save_checkpoint(state, ckpts / "last.pt")
+
+    rewind_to({k: v for k, v in ck.items() if k not in ("data_signature", "rng_per_rank")})
+    assert metatrain(base, run, cache_dir, *args, "--resume") == 0
+    (s_a, learner_a, params_a), (s_b, learner_b, params_b) = final_state(reference), final_state(run)
+    assert s_a == s_b == 4
+    assert all(torch.equal(learner_a[k], learner_b[k]) for k in learner_a)
+    assert all(torch.equal(params_a[k], params_b[k]) for k in params_a)
+    rewind_to({**ck, "data_signature": {"n_articles": 1, "n_tokens": 1}})
+    capsys.readouterr()
+    assert metatrain(base, run, cache_dir, *args, "--resume") == 2
+    assert "training data changed" in capsys.readouterr().err
 
 
 class NaNLossAt(Callback):
