@@ -2,7 +2,7 @@
 
 Every measurement runs in one process on one model (`model.*`), one batch shape (`bench.batch_size`
 streams, `eval.segment_length`-token chunks) and the same random tokens, through the code paths the
-real commands use: the static training step, `chunk_step` for evaluation (every rule) and
+real commands use: the static training step, `unroll.Stepper` for evaluation (every rule) and
 `unroll.TruncatedUnroll` for meta-training (K = `meta.unroll` chunk steps with meta=True, the held-back
 update of the previous meta-step replayed first, then backward and the outer optimizer step).
 After `bench.warmup` untimed calls (where torch.compile compiles; their time is reported), the
@@ -48,7 +48,7 @@ from .rules import adapted_names, compute_grad_rms, make_rule
 from .rules.learned import COMPILE_MIN
 from .roofline import META_TRAFFIC, fraction_of_bound, online_bytes_per_token, triad_bandwidth
 from .train.meta import meta_parameters
-from .unroll import Reader, TruncatedUnroll, chunk_step, start_reader
+from .unroll import Reader, Stepper, TruncatedUnroll, as_dtype
 
 POOL_CHUNKS = 8  # distinct chunks per shape, read in turn
 HEADLINE_RATIOS = ("dyneval_vs_static_train", "learned_vs_dyneval", "metatrain_first_order_vs_static_train",
@@ -231,13 +231,13 @@ class Bench:
             grad_norm = torch.nn.utils.clip_grad_norm_(trained, cfg.train.clip)
             if math.isfinite(float(grad_norm)):  # the fault guard's check (a device sync, as in training)
                 opt.step()
-            state[0] = [(h.float(), c.float()) for h, c in hidden]
+            state[0] = as_dtype(hidden, torch.float32)  # autocast's bf16 back, as train/static.py does
 
         notes = "weight_drop not applied" if model == "nn" and cfg.model.weight_drop > 0 else ""
         return Workload(name, label, "static train", length, pool.tokens_per_chunk * cfg.bench.steps,
                         _repeat(call, cfg.bench.steps), notes=notes)
 
-    # -- evaluation: chunk_step as evaluate.score calls it ------------------------------------------
+    # -- evaluation: the Stepper as evaluate.score uses it ---------------------------------------------
     def online(self, name: str, label: str, mode: str, length: int, rule_cfg=None, ms=None) -> Workload:
         """mode: a mode name (modes.py), e.g. `dyneval@all` or `learned+cache`: its rule on the weights it
         adapts, and with `+cache` the neural cache over the adapted model's hidden states."""
@@ -247,19 +247,15 @@ class Bench:
         names = adapted_names(self.lm, rule_cfg, spec.rule, self.params, spec.weights)
         ms = {k: ms[k] for k in names} if spec.rule == "dyneval" else None
         rule = make_rule(spec.rule, rule_cfg, names, ms=ms).to(self.device)
-        theta0 = self.params
-        reader = [start_reader(self.lm, theta0, rule, names, self.streams, self.device)]
-        dtype = self.params["embed"].dtype
+        stepper = Stepper(self.lm, self.params, {k: self.params[k] for k in names}, rule, bf16=self.bf16)
+        reader = [stepper.start(self.streams, self.device)]
         settings = CacheSettings.from_config(rule_cfg) if spec.cache else None
-        memory = [empty_cache(self.streams, settings.window, self.lm.sizes[-1], self.device, dtype)] if spec.cache \
-            else None
+        memory = [empty_cache(self.streams, settings.window, self.lm.sizes[-1], self.device, stepper.dtype)] \
+            if spec.cache else None
 
         def call():
             chunk = pool.next()
-            with autocast(self.device, self.bf16):
-                nll, new, stats = chunk_step(self.lm, theta0, theta0, rule, reader[0], chunk)
-            new.hidden = [(h.to(dtype), c.to(dtype)) for h, c in new.hidden]  # undo autocast's bf16
-            reader[0] = new
+            nll, reader[0], stats = stepper.step(reader[0], chunk)
             if memory is not None:  # as evaluate.score mixes it in
                 _, memory[0] = cache_step(memory[0], stats["out"], nll, chunk.targets, chunk.mask, settings)
 
@@ -283,11 +279,12 @@ class Bench:
         pool = self.pool(length)
         rule = make_rule("learned", rule_cfg, self.names).to(self.device)
         static, theta0, opt, trained = meta_parameters(self.params, self.names, rule, m, self.device)
-        reader = [start_reader(self.lm, theta0, rule, self.names, self.streams, self.device)]
+        unroll = TruncatedUnroll(Stepper(self.lm, static, theta0, rule, meta=True, second_order=second_order,
+                                         checkpoint=checkpoint), m.unroll)
+        reader = [unroll.start(self.streams, self.device)]
 
         def call():
-            reader[0] = meta_step(self.lm, {**static, **theta0}, theta0, rule, reader[0], pool, m.unroll,
-                                  second_order, checkpoint, opt, trained, m.clip)
+            reader[0] = meta_step(unroll, reader[0], pool, opt, trained, m.clip)
 
         compiled = self.compiles(rule_cfg)
         notes = f"K={m.unroll}, learned {rule_cfg.learner}, hidden {rule_cfg.learner_hidden}" + (
@@ -299,12 +296,11 @@ class Bench:
                         bytes_per_token=least)
 
 
-def meta_step(lm: LSTMLM, params: Params, theta0: Params, rule, reader: Reader, pool: ChunkPool, unroll: int,
-              second_order: bool, checkpoint: bool, opt, trained: list[Tensor], clip: float) -> Reader:
+def meta_step(unroll: TruncatedUnroll, reader: Reader, pool: ChunkPool, opt, trained: list[Tensor],
+              clip: float) -> Reader:
     """K prequential chunk steps with the graph kept (unroll.TruncatedUnroll, as dynlm metatrain runs
     them), the summed loss back-propagated, one outer step; returns the truncated reader."""
-    step = TruncatedUnroll(lm, rule, unroll, second_order=second_order, checkpoint=checkpoint)(
-        params, theta0, reader, (pool.next() for _ in range(unroll)))
+    step = unroll(reader, (pool.next() for _ in range(unroll.k)))
     loss = step.nll / max(step.tokens, 1)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -481,11 +477,14 @@ def memory_probe(cfg: Config, device: torch.device, unroll: int, checkpoint: boo
         rule = make_rule("learned", rule_cfg, bench.names).to(device)
         trained = list(rule.parameters()) + (list(theta0.values()) if m.theta0_lr > 0 else [])
         opt = torch.optim.Adam(trained, lr=m.lr)
-        reader = start_reader(bench.lm, theta0, rule, bench.names, streams, device)
+
+        def unroll(k: int, ckpt: bool) -> TruncatedUnroll:
+            return TruncatedUnroll(Stepper(bench.lm, static, theta0, rule, meta=True, second_order=m.second_order,
+                                           checkpoint=ckpt), k)
+        reader = unroll(1, False).start(streams, device)
 
         def run(k: int, ckpt: bool) -> None:
-            meta_step(bench.lm, {**static, **theta0}, theta0, rule, reader, bench.pool(cfg.eval.segment_length), k,
-                      m.second_order, ckpt, opt, trained, m.clip)
+            meta_step(unroll(k, ckpt), reader, bench.pool(cfg.eval.segment_length), opt, trained, m.clip)
         return run
 
     # thread pools, allocator arenas and kernel caches come up on one stream, before the baseline

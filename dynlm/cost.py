@@ -33,7 +33,7 @@ from .config import Config
 from .data.streams import Chunk
 from .model import LSTMLM
 from .rules import adapted_names, make_rule
-from .unroll import TruncatedUnroll
+from .unroll import Stepper, TruncatedUnroll
 
 GIB = 2**30
 PROBE_LENGTHS = (4, 8)  # tokens per stream in the two short runs the linear fits go through
@@ -152,8 +152,8 @@ def meta_training_cost(cfg: Config, vocab: int) -> dict:
 
     def unroll(streams: int, length: int, k: int) -> Measured:
         def run():
-            step = TruncatedUnroll(lm, rule, k, second_order=m.second_order)(
-                {**static, **theta0}, theta0, None, [_tokens(streams, length, vocab, seed=i) for i in range(k)])
+            unroll = TruncatedUnroll(Stepper(lm, static, theta0, rule, meta=True, second_order=m.second_order), k)
+            step = unroll(None, [_tokens(streams, length, vocab, seed=i) for i in range(k)])
             (step.nll / step.tokens).backward()
             reader = step.reader
             # what a checkpointed step keeps per stream: its inputs, and the inner gradient (fast weights' size)

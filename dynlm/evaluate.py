@@ -21,11 +21,10 @@ from .cache import CacheSettings, cache_step, clear_rows, empty_cache
 from .data.articles import Article
 from .textio import open_csv, write_json
 from .data.streams import StreamLayout
-from .device import autocast
 from .model import LSTMLM, Params
 from .progress import progress
 from .rules.base import Rule, StaticRule
-from .unroll import chunk_step, reset_streams, start_reader
+from .unroll import Stepper
 
 
 @dataclass
@@ -63,10 +62,11 @@ def score(
     with `cache`, mixing in the neural cache over each stream's recent hidden states."""
     rule = rule or StaticRule()
     layout = StreamLayout(articles, batch_size, segment_length, eos_id, pad_articles=boundary == "reset")
-    theta0 = {k: v.detach() for k, v in params.items()}
-    reader = start_reader(lm, theta0, rule, list(names), layout.n_streams, device)
-    dtype = next(iter(theta0.values())).dtype
-    memory = empty_cache(layout.n_streams, cache.window, lm.sizes[-1], device, dtype) if cache else None
+    weights = {k: v.detach() for k, v in params.items()}
+    stepper = Stepper(lm, weights, {k: weights[k] for k in names}, rule, boundary=boundary, bf16=bf16)
+    theta0 = stepper.theta0
+    reader = stepper.start(layout.n_streams, device)
+    memory = empty_cache(layout.n_streams, cache.window, lm.sizes[-1], device, stepper.dtype) if cache else None
     cols: list[list[np.ndarray]] = [[], [], [], []]
     drift, tokens_read = [], 0
     drift_every = max(1, DRIFT_EVERY_TOKENS // segment_length)  # chunks
@@ -74,13 +74,9 @@ def score(
     start = time.perf_counter()
     for i, chunk in enumerate(progress(layout, desc=desc, leave=False)):
         chunk = chunk.to(device)
-        if boundary == "reset":
-            reader = reset_streams(reader, theta0, rule, chunk.new_article)
-            if memory is not None:
-                memory = clear_rows(memory, chunk.new_article)
-        with autocast(device, bf16):
-            nll, reader, stats = chunk_step(lm, theta0, theta0, rule, reader, chunk)
-        reader.hidden = [(h.to(dtype), c.to(dtype)) for h, c in reader.hidden]  # undo autocast's bf16
+        if memory is not None and boundary == "reset":  # the stepper resets the streams themselves
+            memory = clear_rows(memory, chunk.new_article)
+        nll, reader, stats = stepper.step(reader, chunk)
         if memory is not None:
             nll, memory = cache_step(memory, stats["out"], nll, chunk.targets, chunk.mask, cache)
         m = chunk.mask

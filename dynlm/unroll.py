@@ -5,6 +5,10 @@ the rule update the weights. The same step serves evaluation (`meta=False`: ever
 is detached after each step) and meta-training (`meta=True`: the graph is kept so the
 summed prequential loss can be back-propagated into the learner and theta0).
 
+`chunk_step` is the pure core (weights and memory in, new memory out); `Stepper` binds the model,
+the weights and the rule once and is what every reader uses (evaluation, meta-training, bench, cost):
+`start(batch, device)`, then `step(reader, chunk)`, which also resets streams that start an article.
+
 Meta-training reads K chunks per meta-step (`TruncatedUnroll`), back-propagates, and truncates.
 The last chunk's rule update is then held back as its detached inputs (`HeldUpdate`) and replayed
 at the start of the next unroll, inside its graph: the next unroll's first chunk is scored with
@@ -21,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .data.streams import Chunk
+from .device import autocast
 from .model import LSTMLM, Params, State
 from .rules.base import LazyRows, Rule, RuleState
 
@@ -87,11 +92,19 @@ def replay_held(reader: Reader, rule: Rule, theta0: Params) -> Reader:
     return Reader(reader.hidden, fast, rule_state)
 
 
-def start_reader(lm: LSTMLM, theta0: Params, rule: Rule, names: list[str], batch: int, device) -> Reader:
+def start_reader(lm: LSTMLM, theta0: Params, rule: Rule, names: list[str], batch: int, device,
+                 dtype: torch.dtype | None = None) -> Reader:
+    """`batch` fresh streams: fast weights `names` copied from theta0, a zero hidden state of `dtype`
+    (default: theta0's), fresh rule state."""
     # materialised (not a stride-0 expand): every later update is a dense tensor of the same layout
     fast = {k: theta0[k].detach().expand(batch, *theta0[k].shape).clone() for k in names} if rule.adapts else {}
-    dtype = next(iter(theta0.values())).dtype
+    dtype = dtype or next(iter(theta0.values())).dtype
     return Reader(lm.init_state(batch, device=device, dtype=dtype), fast, rule.init_state(fast) if fast else {})
+
+
+def as_dtype(state: State, dtype: torch.dtype) -> State:
+    """The hidden state in `dtype`: autocast (bf16) leaves it in bf16, the next step wants the weights'."""
+    return [(h.to(dtype), c.to(dtype)) for h, c in state]
 
 
 def reset_rows(state: State, new_article: torch.Tensor) -> State:
@@ -114,6 +127,49 @@ def reset_streams(reader: Reader, theta0: Params, rule: Rule, new_article: Tenso
     fast = {k: pick(theta0[k].expand_as(w), w) for k, w in reader.fast.items()}
     fresh = rule.init_state(fast) if fast else {}
     return Reader(hidden, fast, {k: pick(fresh[k], v) for k, v in reader.rule_state.items()})
+
+
+BOUNDARIES = ("reset", "continuous")
+
+
+class Stepper:
+    """(model, static weights, theta0, rule) bound once: what reads streams of chunks.
+
+    static: the weights the rule leaves alone (a key also in theta0 is theta0's); theta0: the adapted
+    weights' starting point, (...) each, so its keys are the adapted names. boundary="reset": a stream
+    that starts a new article goes back to theta0, a zero state and fresh rule state before the chunk.
+    meta, second_order, checkpoint: `chunk_step`'s (meta-training keeps the graph); bf16: autocast the
+    step (evaluation), the hidden state handed back in the weights' dtype. Pure: `step` returns a new
+    reader and leaves its argument alone."""
+
+    def __init__(self, lm: LSTMLM, static: Params, theta0: Params, rule: Rule, *, boundary: str = "continuous",
+                 bf16: bool = False, meta: bool = False, second_order: bool = False, checkpoint: bool = False):
+        if boundary not in BOUNDARIES:
+            raise ValueError(f"boundary={boundary!r}; valid: {', '.join(BOUNDARIES)}")
+        self.lm, self.theta0, self.rule, self.boundary, self.bf16 = lm, theta0, rule, boundary, bf16
+        self.weights = {**static, **theta0}  # what the model reads; each stream's fast weights replace theta0's
+        self.dtype = next(iter(self.weights.values())).dtype
+        self.meta, self.second_order, self.checkpoint = meta, second_order, checkpoint
+
+    def start(self, batch: int, device) -> Reader:
+        """Fresh streams at theta0. When theta0 is trained, the fast weights are theta0 itself in the
+        graph (not a detached copy), so the streams' first chunk still carries its meta-gradient."""
+        reader = start_reader(self.lm, self.theta0, self.rule, list(self.theta0), batch, device, dtype=self.dtype)
+        if reader.fast and any(v.requires_grad for v in self.theta0.values()):
+            reader = reset_streams(reader, self.theta0, self.rule, torch.ones(batch, dtype=torch.bool, device=device))
+        return reader
+
+    def step(self, reader: Reader, chunk: Chunk) -> tuple[Tensor, Reader, dict]:
+        """Reset the streams that start an article (boundary="reset"), then `chunk_step`: nll (B, T),
+        the new reader, the rule's stats."""
+        if self.boundary == "reset":
+            reader = reset_streams(reader, self.theta0, self.rule, chunk.new_article)
+        with autocast(chunk.inputs.device, self.bf16):
+            nll, reader, stats = chunk_step(self.lm, self.weights, self.theta0, self.rule, reader, chunk, meta=self.meta,
+                                            second_order=self.second_order, checkpoint=self.checkpoint)
+        if self.bf16:
+            reader = Reader(as_dtype(reader.hidden, self.dtype), reader.fast, reader.rule_state, reader.held)
+        return nll, reader, stats
 
 
 def chunk_step(lm: LSTMLM, params: Params, theta0: Params, rule: Rule, reader: Reader, chunk: Chunk, *,
@@ -226,7 +282,7 @@ class MetaStep:
 class TruncatedUnroll:
     """Meta-training's truncated unroll, in one place (dynlm metatrain, bench and the cost model).
 
-    One call reads K chunks prequentially with the graph kept (`chunk_step(meta=True)`) and returns
+    One call reads K chunks prequentially with `stepper` (meta=True: the graph is kept) and returns
     the summed NLL, the token count, the optional consolidation penalty and the truncated reader.
     Every chunk read enters exactly one meta-loss term, scored with weights that depend on the
     learner: the update the previous unroll's last chunk made is held back at truncation and
@@ -237,41 +293,31 @@ class TruncatedUnroll:
     fisher: per-tensor diagonal Fisher for the EWC penalty sum_k fisher_k (fast_k - theta0_k)^2,
     summed over streams and chunks after each update; the caller weights and normalises it."""
 
-    def __init__(self, lm: LSTMLM, rule: Rule, k: int, *, second_order: bool = False, checkpoint: bool = False,
-                 fisher: Params | None = None, boundary: str = "continuous"):
+    def __init__(self, stepper: Stepper, k: int, *, fisher: Params | None = None):
         if k < 1:
             raise ValueError(f"the unroll needs k >= 1 chunks, got {k}")
-        if boundary not in ("reset", "continuous"):
-            raise ValueError(f"boundary={boundary!r}; valid: reset, continuous")
-        self.lm, self.rule, self.k = lm, rule, k
-        self.second_order, self.checkpoint, self.fisher, self.boundary = second_order, checkpoint, fisher, boundary
+        if not stepper.meta:
+            raise ValueError("the unroll back-propagates through its chunk steps: it needs a Stepper(meta=True)")
+        self.stepper, self.k, self.fisher = stepper, k, fisher
 
-    def start(self, theta0: Params, n_streams: int, device) -> Reader:
-        """Fresh streams at theta0. When theta0 is trained, the fast weights are theta0 itself in the
-        graph (not a detached copy), so the streams' first chunk still carries its meta-gradient."""
-        reader = start_reader(self.lm, theta0, self.rule, list(theta0), n_streams, device)
-        if reader.fast and any(v.requires_grad for v in theta0.values()):
-            reader = reset_streams(reader, theta0, self.rule, torch.ones(n_streams, dtype=torch.bool, device=device))
-        return reader
+    def start(self, n_streams: int, device) -> Reader:
+        """Fresh streams at theta0 (see Stepper.start)."""
+        return self.stepper.start(n_streams, device)
 
-    def __call__(self, params: Params, theta0: Params, reader: Reader | None,
-                 chunks: Iterable[Chunk | tuple[Chunk, bool]]) -> MetaStep:
-        """params: every weight the model reads (static and theta0); theta0: the adapted ones'
-        starting point, (...) each. reader: where the previous meta-step left off (None: start).
-        chunks: the next K chunks (more are not consumed), each a Chunk or (Chunk, restart) where
-        restart starts new streams before it (a new epoch's layout)."""
+    def __call__(self, reader: Reader | None, chunks: Iterable[Chunk | tuple[Chunk, bool]]) -> MetaStep:
+        """reader: where the previous meta-step left off (None: start). chunks: the next K chunks (more
+        are not consumed), each a Chunk or (Chunk, restart) where restart starts new streams before
+        it (a new epoch's layout)."""
+        s, theta0 = self.stepper, self.stepper.theta0
         total, tokens, penalty, read, stats = 0.0, 0, 0.0, [], None
         for item in islice(chunks, self.k):
             chunk, restart = item if isinstance(item, tuple) else (item, False)
             restarted = reader is None or restart
             if restarted:
-                reader = self.start(theta0, chunk.inputs.shape[0], chunk.inputs.device)
+                reader = s.start(chunk.inputs.shape[0], chunk.inputs.device)
             elif reader.held is not None:  # the previous unroll's last update, now in this graph
-                reader = replay_held(reader, self.rule, theta0)
-            if self.boundary == "reset":  # after the replay: a stream starting an article takes theta0
-                reader = reset_streams(reader, theta0, self.rule, chunk.new_article)
-            nll, reader, stats = chunk_step(self.lm, params, theta0, self.rule, reader, chunk, meta=True,
-                                            second_order=self.second_order, checkpoint=self.checkpoint)
+                reader = replay_held(reader, s.rule, theta0)
+            nll, reader, stats = s.step(reader, chunk)  # after the replay: a stream starting an article takes theta0
             if self.fisher is not None:  # long-term consolidation: stay near theta0 where it matters
                 penalty = penalty + sum((self.fisher[k] * (reader.fast[k] - theta0[k]).pow(2)).sum()
                                         for k in reader.fast)

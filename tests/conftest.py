@@ -19,6 +19,23 @@ TINY = [
 ]
 
 
+# `python -c SLOW_CHILD DELAY dynlm-args...`: the CLI in a child process whose every training step
+# sleeps DELAY seconds (a run callback), so a signal or a kill reliably lands part-way; torch runs on
+# one thread as in the tests' own process, so results are bit-identical across the processes.
+SLOW_CHILD = """
+import sys, time, torch
+torch.set_num_threads(1)
+from dynlm.train.loop import Callback, callbacks
+class Slow(Callback):
+    def on_step_begin(self, state):
+        time.sleep(float(sys.argv[1]))
+from dynlm.cli import main
+with callbacks(Slow()):
+    code = main(sys.argv[2:])
+sys.exit(code)
+"""
+
+
 @pytest.fixture
 def tiny_overrides(tmp_path):
     return TINY + [f"data.cache_dir={tmp_path / 'cache'}"]

@@ -24,7 +24,7 @@ from dynlm.model import LSTMLM
 from dynlm.model.per_stream_lstm import PerStreamLSTM
 from dynlm.modes import parse_mode
 from dynlm.rules import LearnedRule, adapted_names, compute_grad_rms, make_rule
-from dynlm.unroll import TruncatedUnroll
+from dynlm.unroll import Stepper, TruncatedUnroll
 
 from test_dyneval import V, articles  # Zipfian articles over a 40-word vocabulary
 
@@ -166,8 +166,8 @@ def test_meta_gradient_on_device_equals_cpu(second_order):
         rule = rule.to(device)
         layout = StreamLayout(articles([60, 50, 40]), 3, 5, EOS, pad_articles=True)
         theta0 = {k: p[k] for k in names}
-        step = TruncatedUnroll(lm, rule, 3, second_order=second_order, boundary="reset")(
-            p, theta0, None, (layout.chunk(i).to(device) for i in range(3)))
+        unroll = TruncatedUnroll(Stepper(lm, p, theta0, rule, boundary="reset", meta=True, second_order=second_order), 3)
+        step = unroll(None, (layout.chunk(i).to(device) for i in range(3)))
         (step.nll / step.tokens).backward()
         return [q.grad.cpu() for q in rule.parameters()], float(step.nll.detach())
 

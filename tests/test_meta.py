@@ -12,8 +12,8 @@ import shutil
 import pytest
 import torch
 
-from conftest import REPO, TINY, run_torchrun
-from dynlm.checkpoint import load_checkpoint
+from conftest import REPO, SLOW_CHILD, TINY, run_torchrun
+from dynlm.checkpoint import load_checkpoint, save_checkpoint
 from dynlm.cli import main
 from dynlm.config import load_config
 from dynlm.data.sources import load_articles
@@ -21,6 +21,7 @@ from dynlm.data.tokenizers import load_tokenizer
 from dynlm.evaluate import score
 from dynlm.model import LSTMLM
 from dynlm.rules import make_rule
+from dynlm.train.loop import Callback, callbacks
 
 META = ["meta.unroll=2", "meta.chunk=10", "meta.batch_size=4", "meta.log_every=1", "meta.valid_articles=1",
         "meta.lr=0.05", "meta.theta0_lr=0", "rule.init_lr=0.003", "eval.segment_length=10"]
@@ -63,20 +64,6 @@ def test_meta_training_beats_static_on_held_out_articles(base, cache_dir, tmp_pa
     assert gain > 0.05 and gain > 2 * untrained_gain, f"learned rule gains only {gain:.4f} nats/token over static"
 
 
-CHILD = """
-import sys, time, torch
-torch.set_num_threads(1)
-import dynlm.unroll as unroll
-delay, original = float(sys.argv[1]), unroll.chunk_step
-def slow_chunk_step(*a, **k):
-    time.sleep(delay)
-    return original(*a, **k)
-unroll.chunk_step = slow_chunk_step  # what TruncatedUnroll calls: meta-training's chunk steps only
-from dynlm.cli import main
-sys.exit(main(sys.argv[2:]))
-"""
-
-
 def final_state(run):
     ck = load_checkpoint(run / "checkpoints" / "last.pt")
     return ck["step"], ck["learner"], ck["params"]
@@ -91,7 +78,7 @@ def test_sigkill_then_resume_equals_uninterrupted_metatrain(base, cache_dir, tmp
     run = tmp_path / "killed"
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, "0.05", "metatrain", "--init", str(base), "--out", str(run),
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_CHILD, "0.1", "metatrain", "--init", str(base), "--out", str(run),
                              *args], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ckpt = run / "checkpoints" / "ckpt_step00000003.pt"
     deadline = time.monotonic() + 120
@@ -114,17 +101,48 @@ def test_sigkill_then_resume_equals_uninterrupted_metatrain(base, cache_dir, tmp
         assert torch.equal(params_a[k], params_b[k]), k
 
 
-def test_nan_meta_loss_is_skipped_and_the_learner_stays_finite(base, cache_dir, tmp_path, monkeypatch, capsys):
-    import dynlm.unroll as unroll
-    original, calls = unroll.chunk_step, [0]
+def test_resume_checks_the_data_signature_and_still_takes_checkpoints_without_one(base, cache_dir, tmp_path, capsys):
+    """Meta checkpoints hold the data signature since the shared run loop; older ones (without it, and
+    without per-rank RNG) still resume exactly, and a signature that disagrees is refused."""
+    args = ["--meta.steps=4", "--meta.checkpoint_every=2", "--meta.keep_checkpoints=10"]
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    assert metatrain(base, reference, cache_dir, *args) == 0
+    shutil.copytree(reference, run)
+    ckpts = run / "checkpoints"
+    ck = load_checkpoint(ckpts / "ckpt_step00000002.pt")
+    assert ck["data_signature"]["n_articles"] > 0
 
-    def poisoned(*a, **k):
-        nll, reader, stats = original(*a, **k)
-        calls[0] += 1
-        return (nll * float("nan") if calls[0] in (3, 4) else nll), reader, stats  # meta-step 2 (K=2)
+    def rewind_to(state):  # as if the run had died right after step 2, with `state` on disk
+        for p in ckpts.glob("*.pt"):
+            p.unlink()
+        save_checkpoint(state, ckpts / "ckpt_step00000002.pt")
+        save_checkpoint(state, ckpts / "last.pt")
 
-    monkeypatch.setattr(unroll, "chunk_step", poisoned)  # TruncatedUnroll's, not evaluation's
-    assert metatrain(base, tmp_path / "meta", cache_dir, "--meta.steps=4") == 0
+    rewind_to({k: v for k, v in ck.items() if k not in ("data_signature", "rng_per_rank")})
+    assert metatrain(base, run, cache_dir, *args, "--resume") == 0
+    (s_a, learner_a, params_a), (s_b, learner_b, params_b) = final_state(reference), final_state(run)
+    assert s_a == s_b == 4
+    assert all(torch.equal(learner_a[k], learner_b[k]) for k in learner_a)
+    assert all(torch.equal(params_a[k], params_b[k]) for k in params_a)
+    rewind_to({**ck, "data_signature": {"n_articles": 1, "n_tokens": 1}})
+    capsys.readouterr()
+    assert metatrain(base, run, cache_dir, *args, "--resume") == 2
+    assert "training data changed" in capsys.readouterr().err
+
+
+class NaNLossAt(Callback):
+    """Meta-step `step` (1-based) gets a NaN meta-loss."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_loss(self, state, loss):
+        return loss * float("nan") if state.step + 1 == self.step else loss
+
+
+def test_nan_meta_loss_is_skipped_and_the_learner_stays_finite(base, cache_dir, tmp_path, capsys):
+    with callbacks(NaNLossAt(2)):
+        assert metatrain(base, tmp_path / "meta", cache_dir, "--meta.steps=4") == 0
     ck = load_checkpoint(tmp_path / "meta" / "checkpoints" / "last.pt")
     assert ck["faults"]["skipped"] == 1 and ck["step"] == 4
     assert all(torch.isfinite(v).all() for v in ck["learner"].values())

@@ -27,8 +27,9 @@ from dynlm.data.tokenizers import WordTokenizer
 from dynlm.faults import FaultGuard, NumericalFaultError
 from dynlm.model import LSTMLM
 from dynlm.signals import StopOnSignals
+from dynlm.train.loop import Callback, callbacks
 
-from conftest import REPO, TINY, run_torchrun
+from conftest import REPO, SLOW_CHILD, TINY, run_torchrun
 
 LONG = ["train.max_steps=40", "train.eval_every=10"]  # 4 rotating checkpoints, one epoch (~60 steps)
 
@@ -84,26 +85,10 @@ def reference(tmp_path_factory, cache_dir):
 
 
 # ---------------------------------------------------------------- nothing lost: signals
-# The child sleeps in every step (via lr_factor) so a signal reliably lands part-way; torch runs on
-# one thread as in this process, so results are bit-identical across the processes.
-CHILD = """
-import sys, time, torch
-torch.set_num_threads(1)
-import dynlm.train.static as static
-delay, original = float(sys.argv[1]), static.lr_factor
-def slow_lr_factor(*a):
-    time.sleep(delay)
-    return original(*a)
-static.lr_factor = slow_lr_factor
-from dynlm.cli import main
-sys.exit(main(sys.argv[2:]))
-"""
-
-
 def launch(run, overrides, delay=0.1) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-c", CHILD, str(delay), "train", "--out", str(run),
+    return subprocess.Popen([sys.executable, "-c", SLOW_CHILD, str(delay), "train", "--out", str(run),
                              *[f"--{o}" for o in overrides]], env=env, cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -166,23 +151,24 @@ def default_sigint():
     signal.signal(signal.SIGINT, previous)
 
 
-def test_sigint_in_process_saves_and_resumes_exactly(default_sigint, tmp_path, reference, cache_dir, monkeypatch):
-    import dynlm.train.static as static
+class InterruptAt(Callback):
+    """Ctrl-C while update `step` (1-based) runs."""
 
-    overrides = TINY + LONG + [f"data.cache_dir={cache_dir}"]
-    original = static.lr_factor
+    def __init__(self, step: int):
+        self.step = step
 
-    def interrupt_at_step_7(cfg, progress, step):
-        if step == 6:  # the 7th update: Ctrl-C arrives while it runs
+    def on_step_begin(self, state):
+        if state.step + 1 == self.step:
             os.kill(os.getpid(), signal.SIGINT)
-        return original(cfg, progress, step)
 
-    monkeypatch.setattr(static, "lr_factor", interrupt_at_step_7)
+
+def test_sigint_in_process_saves_and_resumes_exactly(default_sigint, tmp_path, reference, cache_dir):
+    overrides = TINY + LONG + [f"data.cache_dir={cache_dir}"]
     run = tmp_path / "interrupted"
-    assert train(run, overrides) == 128 + signal.SIGINT
+    with callbacks(InterruptAt(7)):
+        assert train(run, overrides) == 128 + signal.SIGINT
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
     assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 7
-    monkeypatch.setattr(static, "lr_factor", original)
     assert train(run, overrides, "--resume") == 0
     assert_same_params(final_params(reference), final_params(run))
     assert_same_final_metrics(reference, run)
@@ -493,29 +479,27 @@ class NaNGradient(torch.autograd.Function):
         return g * float("nan")
 
 
-def inject(monkeypatch, faults: dict):
-    """Training step i (1-based) gets faults[i]: 'nan_loss', 'inf_loss' or 'nan_grad'.
-    Validation (no autograd graph) is never touched."""
-    original, calls = LSTMLM.nll, [0]
+class Faults(Callback):
+    """Training step i (1-based) gets faults[i]: 'nan_loss', 'inf_loss' or 'nan_grad' (a finite loss
+    whose gradient is NaN). Validation has no training loss and is never touched."""
 
-    def nll(self, params, out, targets):
-        if not (torch.is_grad_enabled() and out.requires_grad):
-            return original(self, params, out, targets)
-        calls[0] += 1
-        kind = faults.get(calls[0])
+    def __init__(self, faults: dict):
+        self.faults = faults
+
+    def on_loss(self, state, loss):
+        kind = self.faults.get(state.step + 1)
+        if kind is None:
+            return loss
         if kind == "nan_grad":
-            out = NaNGradient.apply(out)
-        result = original(self, params, out, targets)
-        return result * {"nan_loss": float("nan"), "inf_loss": float("inf")}.get(kind, 1.0)
-
-    monkeypatch.setattr(LSTMLM, "nll", nll)
+            return NaNGradient.apply(loss)
+        return loss * {"nan_loss": float("nan"), "inf_loss": float("inf")}[kind]
 
 
-def test_all_bad_steps_never_touch_the_weights(tmp_path, monkeypatch):
-    inject(monkeypatch, {i: "nan_loss" for i in range(1, 100)})
+def test_all_bad_steps_never_touch_the_weights(tmp_path):
     run = tmp_path / "run"
-    assert train(run, TINY + [f"data.cache_dir={tmp_path / 'c'}", "train.max_steps=6", "train.eval_every=3",
-                              "train.max_bad_steps=100"]) == 0
+    with callbacks(Faults({i: "nan_loss" for i in range(1, 100)})):
+        assert train(run, TINY + [f"data.cache_dir={tmp_path / 'c'}", "train.max_steps=6", "train.eval_every=3",
+                                  "train.max_bad_steps=100"]) == 0
     ck = load_checkpoint(run / "checkpoints" / "last.pt")
     cfg = load_config(overrides=TINY)
     init = LSTMLM(cfg.model, ck["vocab_size"]).init_params(cfg.train.seed)
@@ -524,10 +508,10 @@ def test_all_bad_steps_never_touch_the_weights(tmp_path, monkeypatch):
     assert last_values(run)["valid/ppl"][1] < float("inf")
 
 
-def test_isolated_faults_are_skipped_and_training_goes_on(tmp_path, monkeypatch, capsys):
-    inject(monkeypatch, {5: "nan_grad", 8: "inf_loss", 9: "nan_loss"})
+def test_isolated_faults_are_skipped_and_training_goes_on(tmp_path, capsys):
     run = tmp_path / "run"
-    assert train(run, TINY + [f"data.cache_dir={tmp_path / 'c'}", "train.max_bad_steps=3"]) == 0
+    with callbacks(Faults({5: "nan_grad", 8: "inf_loss", 9: "nan_loss"})):
+        assert train(run, TINY + [f"data.cache_dir={tmp_path / 'c'}", "train.max_bad_steps=3"]) == 0
     assert "step 5: non-finite grad_norm=nan, update skipped" in capsys.readouterr().err
     ck = load_checkpoint(run / "checkpoints" / "last.pt")
     assert ck["faults"]["skipped"] == 3 and ck["step"] == 20
@@ -537,11 +521,11 @@ def test_isolated_faults_are_skipped_and_training_goes_on(tmp_path, monkeypatch,
     assert all(x is None or x == x and x < float("inf") for x in losses)
 
 
-def test_repeated_faults_stop_the_run_keeping_the_checkpoint_before_them(tmp_path, monkeypatch, capsys, reference):
-    inject(monkeypatch, {i: "nan_loss" for i in range(12, 100)})
+def test_repeated_faults_stop_the_run_keeping_the_checkpoint_before_them(tmp_path, capsys, reference):
     run = tmp_path / "run"
     overrides = TINY + LONG + [f"data.cache_dir={tmp_path / 'c'}", "train.max_bad_steps=3"]
-    assert train(run, overrides) == 3
+    with callbacks(Faults({i: "nan_loss" for i in range(12, 100)})):
+        assert train(run, overrides) == 3
     err = capsys.readouterr().err
     assert "3 consecutive non-finite steps (steps 12..14" in err and "Traceback" not in err
     ckpts = sorted(p.name for p in (run / "checkpoints").glob("*.pt"))

@@ -6,6 +6,7 @@ from dynlm.config import ModelConfig, RuleConfig
 from dynlm.data.streams import Chunk
 from dynlm.model import LSTMLM
 from dynlm.rules import DynEvalRule, LearnedRule, SGDRule, make_rule
+from dynlm.rules.base import Rule
 from dynlm.unroll import chunk_step, start_reader
 
 
@@ -93,15 +94,17 @@ def test_meta_gradient_matches_finite_differences(second_order, kind, hidden):
     grads = torch.autograd.grad(loss, params)
     # first order treats the inner gradient as a constant: finite differences must do the same,
     # so compare against a loss whose inner gradients come from a fixed (unperturbed) trajectory
+    frozen = Replaying(rule)
+    unrolled_loss(lm, p, frozen, theta0, data, False)  # records it
     eps = 1e-6
     for q, g in zip(params, grads):
         idx = tuple(torch.randint(0, s, ()).item() for s in q.shape)
         with torch.no_grad():
             q[idx] += eps
-        up = fd_loss(lm, p, rule, theta0, data, second_order)
+        up = fd_loss(lm, p, rule, theta0, data, second_order, frozen)
         with torch.no_grad():
             q[idx] -= 2 * eps
-        down = fd_loss(lm, p, rule, theta0, data, second_order)
+        down = fd_loss(lm, p, rule, theta0, data, second_order, frozen)
         with torch.no_grad():
             q[idx] += eps
         assert g[idx].item() == pytest.approx((up - down) / (2 * eps), rel=1e-4, abs=1e-8)
@@ -130,45 +133,36 @@ def test_checkpointed_unroll_gives_the_same_meta_gradients(kind, hidden, second_
         assert max((a - b).abs().max() for a, b in zip(first, ckpt)) > 1e-8
 
 
-FROZEN_GRADS = {}
+class Replaying(Rule):
+    """`rule` given the inner gradients and chunk losses it was given on a recorded pass instead of
+    the current ones: the first-order objective (each step's gradient input a constant), which the
+    finite differences of a first-order meta-gradient must take. The first pass records."""
+
+    def __init__(self, rule):
+        super().__init__()
+        self.rule, self.recorded, self.replaying = rule, [], None
+
+    def init_state(self, fast):
+        return self.rule.init_state(fast)
+
+    def update(self, fast, grads, theta0, state, loss, rows=None):
+        if self.replaying is None:
+            self.recorded.append((grads, loss))
+        else:
+            grads, loss = next(self.replaying)
+        return self.rule.update(fast, grads, theta0, state, loss)
+
+    def replay(self) -> "Replaying":
+        self.replaying = iter(self.recorded)
+        return self
 
 
-def fd_loss(lm, p, rule, theta0, data, second_order):
-    if second_order:
-        with torch.enable_grad():
+def fd_loss(lm, p, rule, theta0, data, second_order, frozen):
+    with torch.enable_grad():
+        if second_order:
             return unrolled_loss(lm, p, rule, theta0, data, True).item()
-    # first order: replay with the inner gradients of the unperturbed trajectory held fixed
-    return frozen_unroll(lm, p, rule, theta0, data).item()
-
-
-def frozen_unroll(lm, p, rule, theta0, data):
-    """The first-order objective: loss of the trajectory where each step's gradient input is a constant."""
-    import dynlm.unroll as U
-    key = id(data)
-    if key not in FROZEN_GRADS:
-        FROZEN_GRADS.clear()
-        recorded = []
-        orig = rule.update
-
-        def record(fast, grads, th, st, loss):
-            recorded.append((grads, loss))
-            return orig(fast, grads, th, st, loss)
-        rule.update = record
-        unrolled_loss(lm, p, rule, theta0, data, False)
-        del rule.update
-        FROZEN_GRADS[key] = recorded
-    recorded = iter(FROZEN_GRADS[key])
-    orig = rule.update
-
-    def replay(fast, grads, th, st, loss):
-        g, l = next(recorded)
-        return orig(fast, g, th, st, l)
-    rule.update = replay
-    try:
-        with torch.enable_grad():
-            return unrolled_loss(lm, p, rule, theta0, data, False)
-    finally:
-        del rule.update
+        # first order: replay with the inner gradients of the unperturbed trajectory held fixed
+        return unrolled_loss(lm, p, frozen.replay(), theta0, data, False).item()
 
 
 def test_no_gradient_flows_past_truncation():

@@ -11,7 +11,7 @@ import torch
 from dynlm.data.articles import Article
 from dynlm.data.streams import Chunk, StreamLayout
 from dynlm.rules import LearnedRule
-from dynlm.unroll import TruncatedUnroll, replay_held
+from dynlm.unroll import Stepper, TruncatedUnroll, replay_held
 
 from test_rules import _float64, tiny_lm  # noqa: F401 (the autouse float64 fixture and the tiny model)
 
@@ -51,6 +51,11 @@ def epochs(lay, n):
     return [(lay.chunk(c), c == 0) for _ in range(n) for c in range(len(lay))]
 
 
+def unroll_of(lm, p, theta0, rule, k, boundary="continuous", **kw):
+    """The meta-training unroll of K chunks over the weights p, theta0 adapted by `rule`."""
+    return TruncatedUnroll(Stepper(lm, p, theta0, rule, boundary=boundary, meta=True, **kw), k)
+
+
 def meta_loss(step):
     return step.nll / step.tokens
 
@@ -70,13 +75,13 @@ def test_meta_gradient_after_a_truncation_is_nonzero_and_matches_finite_differen
     if k > 1:  # chunk_step hands the rule each stream's chunk loss as a constant, even in second order
         with torch.no_grad():
             rule.loss_coef.zero_()
-    unroll = TruncatedUnroll(lm, rule, k, second_order=second_order)
+    unroll = unroll_of(lm, p, theta0, rule, k, second_order=second_order)
     data = random_chunks(4 * k)
     params = list(rule.parameters())
     readers, reader = [], None
     for n in range(4):  # consecutive meta-steps: each one's gradient reaches the learner
         readers.append(reader)
-        step = unroll({**p, **theta0}, theta0, reader, data[n * k:(n + 1) * k])
+        step = unroll(reader, data[n * k:(n + 1) * k])
         g = grads(meta_loss(step), params)
         assert (max(float(x.abs().max()) for x in g) > 0) == (n > 0 or k > 1), n  # step 0, K=1: theta0 only
         reader = step.reader
@@ -88,7 +93,7 @@ def test_meta_gradient_after_a_truncation_is_nonzero_and_matches_finite_differen
     # features (d / rms(d)) are not differentiable.
     for n, wrt in ((1, params), (2, params + list(theta0.values()))):
         def loss():
-            return meta_loss(unroll({**p, **theta0}, theta0, readers[n], data[n * k:(n + 1) * k]))
+            return meta_loss(unroll(readers[n], data[n * k:(n + 1) * k]))
 
         g = torch.autograd.grad(loss(), wrt)
         assert max(float(x.abs().max()) for x in g) > 1e-6
@@ -117,10 +122,10 @@ def test_every_chunk_enters_exactly_one_meta_loss_with_a_learner_gradient(bounda
     params = list(rule.parameters())
     lay = layout(pad_articles=boundary == "reset")
     stream = epochs(lay, 2)
-    unroll = TruncatedUnroll(lm, rule, k, boundary=boundary)
+    unroll = unroll_of(lm, p, theta0, rule, k, boundary=boundary)
     source, reader, seen, scored = iter(stream), None, [], 0
     for _ in range(len(stream) // k):
-        step = unroll({**p, **theta0}, theta0, reader, source)
+        step = unroll(reader, source)
         assert len(step.chunks) == k
         assert step.tokens == sum(int(r.chunk.mask.sum()) for r in step.chunks)
         torch.testing.assert_close(step.nll, sum(r.nll.sum() for r in step.chunks), rtol=0, atol=0)
@@ -149,15 +154,13 @@ def test_no_gradient_crosses_a_truncation(second_order, checkpoint):
     # the first meta-step runs with its own copies of the learner and of theta0
     rule1, theta1 = copy.deepcopy(rule), {n: v.detach().clone().requires_grad_() for n, v in theta0.items()}
     data = random_chunks(4)
-    step1 = TruncatedUnroll(lm, rule1, 2, second_order=second_order, checkpoint=checkpoint)(
-        {**p, **theta1}, theta1, None, data[:2])
+    step1 = unroll_of(lm, p, theta1, rule1, 2, second_order=second_order, checkpoint=checkpoint)(None, data[:2])
     carried = step1.reader
     tensors = ([t for hc in carried.hidden for t in hc] + [*carried.fast.values(), *carried.rule_state.values()]
                + [*carried.held.drift.values(), *carried.held.grads.values(), *carried.held.rule_state.values(),
                   carried.held.loss, carried.held.active])
     assert all(t.grad_fn is None and not t.requires_grad for t in tensors)
-    step2 = TruncatedUnroll(lm, rule, 2, second_order=second_order, checkpoint=checkpoint)(
-        {**p, **theta0}, theta0, carried, data[2:])
+    step2 = unroll_of(lm, p, theta0, rule, 2, second_order=second_order, checkpoint=checkpoint)(carried, data[2:])
     before = list(rule1.parameters()) + list(theta1.values())
     assert all(g is None for g in torch.autograd.grad(meta_loss(step2), before, retain_graph=True, allow_unused=True))
     now = grads(meta_loss(step2), list(rule.parameters()) + list(theta0.values()))
@@ -176,8 +179,8 @@ def test_checkpointed_unroll_equals_plain_across_truncations(second_order):
     for n in range(3):
         out = {}
         for ckpt in (False, True):
-            step = TruncatedUnroll(lm, rule, 2, second_order=second_order, checkpoint=ckpt, boundary="reset")(
-                {**p, **theta0}, theta0, readers[ckpt], stream[2 * n:2 * n + 2])
+            step = unroll_of(lm, p, theta0, rule, 2, boundary="reset", second_order=second_order, checkpoint=ckpt)(
+                readers[ckpt], stream[2 * n:2 * n + 2])
             out[ckpt] = grads(meta_loss(step), wrt)
             readers[ckpt] = step.reader
         # theta0 from the second step on: in the first, every stream starts at theta0, where the rule's
@@ -197,9 +200,9 @@ def test_the_replayed_update_gives_the_carried_weights(kind, hidden):
     rule = learner(names, kind, hidden)
     theta0 = {n: p[n].clone() for n in names}
     lay = layout(pad_articles=True)
-    unroll, reader, padded = TruncatedUnroll(lm, rule, 1, boundary="reset"), None, 0
+    unroll, reader, padded = unroll_of(lm, p, theta0, rule, 1, boundary="reset"), None, 0
     for chunk, restart in epochs(lay, 1):
-        reader = unroll({**p, **theta0}, theta0, reader, [(chunk, restart)]).reader
+        reader = unroll(reader, [(chunk, restart)]).reader
         padded += int((~reader.held.active).sum())
         replayed = replay_held(reader, rule, theta0)
         for name in reader.fast:
@@ -216,15 +219,15 @@ def test_a_held_update_does_not_leak_into_streams_that_start_afresh(how):
     rule = learner(names)
     theta0 = {n: p[n].clone() for n in names}
     data = random_chunks(3)
-    carried = TruncatedUnroll(lm, rule, 2)({**p, **theta0}, theta0, None, data[:2]).reader
+    carried = unroll_of(lm, p, theta0, rule, 2)(None, data[:2]).reader
     assert carried.held is not None
     nxt = data[2]
     if how == "new article":  # every stream starts an article: theta0, zero state, fresh rule state
         nxt = Chunk(nxt.inputs, nxt.targets, nxt.mask, torch.ones(2, dtype=torch.bool), nxt.article, nxt.position)
-        got = TruncatedUnroll(lm, rule, 1, boundary="reset")({**p, **theta0}, theta0, carried, [nxt])
+        got = unroll_of(lm, p, theta0, rule, 1, boundary="reset")(carried, [nxt])
     else:
-        got = TruncatedUnroll(lm, rule, 1)({**p, **theta0}, theta0, carried, [(nxt, True)])
-    fresh = TruncatedUnroll(lm, rule, 1)({**p, **theta0}, theta0, None, [nxt])
+        got = unroll_of(lm, p, theta0, rule, 1)(carried, [(nxt, True)])
+    fresh = unroll_of(lm, p, theta0, rule, 1)(None, [nxt])
     torch.testing.assert_close(got.chunks[0].nll, fresh.chunks[0].nll, rtol=0, atol=1e-15)
     for name in names:
         torch.testing.assert_close(got.reader.fast[name], fresh.reader.fast[name], rtol=0, atol=1e-15)
@@ -237,4 +240,4 @@ def test_the_unroll_needs_k_chunks():
     names = lm.lstm_names()
     theta0 = {n: p[n].clone() for n in names}
     with pytest.raises(ValueError, match="needs 3 chunks"):
-        TruncatedUnroll(lm, learner(names), 3)({**p, **theta0}, theta0, None, random_chunks(2))
+        unroll_of(lm, p, theta0, learner(names), 3)(None, random_chunks(2))

@@ -1,36 +1,30 @@
 """Pre-training of the static LM (the 1-level baseline) with truncated BPTT over article streams.
 
-Reliability (see README "Reliability"): checkpoints every validation, on SIGINT/SIGTERM and at the
-end, each holding weights, optimizer, every RNG, the reading position, the hidden state and the
-logging window, so `--resume` continues bit-exactly; a non-finite loss/gradient skips the step
-(`train.max_bad_steps` in a row stop the run); under torchrun the global batch of
-`train.batch_size` streams is split across ranks and gradients are all-reduced.
+Reliability (see README "Reliability" and train/loop.py, the scaffolding this trainer plugs its step
+into): checkpoints every validation, on SIGINT/SIGTERM and at the end, each holding weights,
+optimizer, every RNG, the reading position, the hidden state and the logging window, so `--resume`
+continues bit-exactly; a non-finite loss/gradient skips the step (`train.max_bad_steps` in a row
+stop the run); under torchrun the global batch of `train.batch_size` streams is split across ranks
+and gradients are all-reduced.
 """
 from __future__ import annotations
 
 import math
-import random
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
 
 from .. import distributed as D
-from ..checkpoint import (CheckpointError, config_mismatches, load_latest_checkpoint, load_checkpoint,
-                          resume_candidates, rng_state, save_checkpoint, save_rotating, set_rng_state)
-from ..config import Config, ConfigError, save_config, to_dict
+from ..config import Config, ConfigError
 from ..data.streams import StreamLayout
 from ..device import autocast
 from ..evaluate import perplexity, score
-from ..faults import FaultGuard
 from ..model import LSTMLM
-from ..progress import interactive, progress as progress_bar
-from ..signals import StopOnSignals
-from ..tracking import Tracker
-from ..unroll import reset_rows
-from .setup import prepare_data
+from ..progress import interactive
+from ..unroll import as_dtype, reset_rows
+from .loop import Callback, Run, reading_positions, stream_layout
 
 # A resumed run must read the same data in the same layout with the same model; everything else
 # (lr, max_steps, eval_every, logging...) may change between resumes.
@@ -47,30 +41,11 @@ def lr_factor(cfg, progress: float, step: int) -> float:
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def epoch_layout(articles, cfg: Config, eos_id: int, epoch: int) -> StreamLayout:
-    order = list(range(len(articles)))
-    random.Random(cfg.train.seed * 1000 + epoch).shuffle(order)  # a new reading order per epoch
-    return StreamLayout([articles[i] for i in order], cfg.train.batch_size, cfg.train.bptt, eos_id,
-                        pad_articles=cfg.train.boundary == "reset")
-
-
-def rank_layout(layout: StreamLayout, dinfo: D.DistInfo) -> StreamLayout:
-    """This rank's streams of the global layout (all of them in a single process)."""
-    if not dinfo.enabled:
-        return layout
-    if layout.n_streams < dinfo.world_size:
-        raise ConfigError(f"{layout.n_streams} article streams (train.batch_size, capped at the number of training "
-                          f"articles) cannot be split over {dinfo.world_size} processes; each needs at least one")
-    return layout.select_streams(D.shard_slice(layout.n_streams, dinfo.rank, dinfo.world_size))
-
-
-def reading_positions(articles, cfg: Config, eos_id: int, epoch: int, chunk_idx: int, dinfo: D.DistInfo = D.DistInfo()):
-    """(epoch, chunk index, this rank's layout) forever, starting from a saved position."""
-    while True:
-        layout = rank_layout(epoch_layout(articles, cfg, eos_id, epoch), dinfo)
-        for c in range(chunk_idx, len(layout)):
-            yield epoch, c, layout
-        epoch, chunk_idx = epoch + 1, 0
+def epoch_layout(articles, cfg: Config, eos_id: int, epoch: int, dinfo: D.DistInfo = D.DistInfo()) -> StreamLayout:
+    """Epoch `epoch`'s reading order as train.batch_size streams of train.bptt tokens (this rank's share)."""
+    t = cfg.train
+    return stream_layout(articles, t.seed, t.batch_size, t.bptt, eos_id, epoch, t.boundary == "reset", dinfo,
+                         "train.batch_size")
 
 
 def check_train_config(cfg: Config) -> None:
@@ -91,232 +66,159 @@ def warn_long_warmup(t, total_steps: int) -> None:
               f"the learning rate never reaches train.lr={t.lr:g}; lower train.warmup_steps", file=sys.stderr)
 
 
-def data_signature(articles) -> dict:
-    """Enough to notice that the training corpus changed under a run being resumed."""
-    return {"n_articles": len(articles), "n_tokens": int(sum(len(a) for a in articles))}
-
-
-def check_resumable(ck: dict, path: Path, cfg: Config, tok, train_arts, params: dict, world_size: int) -> None:
-    """CheckpointError naming `path` and every mismatch if the checkpoint cannot continue this run."""
-    problems = []
-    if ck.get("kind") != "static":
-        problems.append(f"it is a {ck.get('kind')!r} checkpoint, not one written by `dynlm train`")
-    problems += config_mismatches(ck.get("config", {}), to_dict(cfg), RESUME_MUST_MATCH, ignore=RESUME_MAY_DIFFER)
-    if ck.get("tokenizer_fingerprint") != tok.fingerprint() or ck.get("vocab_size") != tok.vocab_size:
-        problems.append(f"vocabulary mismatch: checkpoint has {ck.get('vocab_size')} types (fingerprint "
-                        f"{ck.get('tokenizer_fingerprint')}), the run's tokenizer {tok.vocab_size} ({tok.fingerprint()})")
-    if "data_signature" in ck and ck["data_signature"] != data_signature(train_arts):
-        problems.append(f"training data changed: checkpoint read {ck['data_signature']}, now {data_signature(train_arts)}")
-    if ck.get("world_size", 1) != world_size:
-        problems.append(f"written by {ck.get('world_size', 1)} process(es), resumed with {world_size}: resume "
-                        "needs the same number (per-rank random streams)")
-    saved = ck.get("params", {})
-    shapes = [f"{k}: checkpoint {tuple(saved[k].shape) if k in saved else 'absent'}, model {tuple(v.shape)}"
-              for k, v in params.items() if k not in saved or saved[k].shape != v.shape]
-    if not problems and shapes:  # config mismatches already explain shape differences
-        problems += shapes
-    if problems:
-        raise CheckpointError(f"cannot resume from {path}: " + "; ".join(problems)
-                              + ". Resume with the original settings, or start a fresh --out directory")
-
-
-def train_static(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
+def train_static(cfg: Config, run_dir: Path, resume: bool = False, callbacks: tuple[Callback, ...] = ()) -> dict:
     """Train; returns a result dict (also on rank != 0). result['stopped_by'] names the signal when
     SIGINT/SIGTERM ended the run early (after saving a checkpoint), else None."""
     check_train_config(cfg)
     with D.session(cfg.train.device) as (dinfo, device):
-        return _train(cfg, Path(run_dir), resume, dinfo, device)
+        return _train(cfg, Path(run_dir), resume, dinfo, device, callbacks)
 
 
-def _train(cfg: Config, run_dir: Path, resume: bool, dinfo: D.DistInfo, device: torch.device) -> dict:
+def _train(cfg: Config, run_dir: Path, resume: bool, dinfo: D.DistInfo, device: torch.device,
+           callbacks: tuple[Callback, ...] = ()) -> dict:
     t = cfg.train
-    main = dinfo.is_main
     # dropout draws differ per rank (rank 0 keeps the single-process seed); init_params has its own generator
     torch.manual_seed(t.seed + 7919 * dinfo.rank)
-    # rank 0 builds the tokenizer and the token cache; the others then read them (no write races)
-    if main:  # the run directory is made only once its data and tokenizer are ready: bad data leaves none
-        tok, splits = prepare_data(cfg, run_dir, ["train", "valid"], role="static")
-        run_dir.mkdir(parents=True, exist_ok=True)
-    D.barrier()
-    if not main:
-        tok, splits = prepare_data(cfg, run_dir, ["train", "valid"], role="static")
-    train_arts, valid_arts = splits["train"], splits["valid"]
-    lm = LSTMLM(cfg.model, tok.vocab_size)
-    params = {k: v.requires_grad_() for k, v in lm.init_params(t.seed, device=device).items()}
-    opt = torch.optim.AdamW(params.values(), lr=t.lr, weight_decay=t.weight_decay)
-    guard = FaultGuard(t.max_bad_steps, where="train", verbose=main)
-    steps_per_epoch = len(epoch_layout(train_arts, cfg, tok.eos_id, 0))
-    total = t.max_steps or steps_per_epoch * t.epochs
-    step, epoch, chunk_idx, best, state, minutes_before = 0, 0, 0, float("inf"), None, 0.0
-    tokens_seen, window_loss, window_n = 0, 0.0, 0
-    ckpt_dir = run_dir / "checkpoints"
-    if resume:
-        def check(ck, path):
-            check_resumable(ck, path, cfg, tok, train_arts, params, dinfo.world_size)
-        # rank 0 picks the checkpoint (falling back past unreadable ones), every rank loads that one
-        found = load_latest_checkpoint(ckpt_dir, map_location=device, check=check) if main else None
-        path = D.broadcast_object(str(found[1]) if found else None)
-        if path is not None:
-            ck = found[0] if main else load_checkpoint(path, map_location=device)
-            with torch.no_grad():
-                for k, v in ck["params"].items():
-                    params[k].copy_(v)
-            opt.load_state_dict(ck["optimizer"])
-            step, epoch, chunk_idx, best = ck["step"], ck["epoch"], ck["chunk"], ck["best_valid_ppl"]
-            minutes_before = ck["minutes"]
-            set_rng_state(ck["rng_per_rank"][dinfo.rank] if dinfo.enabled else ck["rng"])
-            guard.load_state_dict(ck.get("faults", {}))
-            tokens_seen = ck.get("tokens_seen", 0)
-            window_loss, window_n = ck.get("window", (0.0, 0))
-            if ck["chunk"]:  # mid-epoch: the streams carry their hidden state on
-                rows = D.shard_slice(ck["hidden"][0][0].shape[0], dinfo.rank, dinfo.world_size)
-                state = [(h[rows].to(device), c[rows].to(device)) for h, c in ck["hidden"]]
-            if main:
-                print(f"resumed from {path} at step {step} (epoch {epoch}, chunk {chunk_idx})")
-        elif main:
-            print(f"--resume: no checkpoint in {ckpt_dir}; starting from scratch")
-    elif main and resume_candidates(ckpt_dir):
-        warnings.warn(f"{ckpt_dir} holds checkpoints of an earlier run; starting from scratch overwrites them "
-                      "(pass --resume to continue that run instead)", stacklevel=2)
-    if main:
-        save_config(cfg, run_dir / "config.yaml")
-        print(f"model: {sum(p.numel() for p in params.values()):,} parameters, vocab {tok.vocab_size}, "
-              f"{steps_per_epoch} steps/epoch, {total} steps, device {device}"
-              + (f", {dinfo.world_size} processes ({dinfo.backend})" if dinfo.enabled else ""))
-        warn_long_warmup(t, total)
+    run = Run(cfg, run_dir, "static", dinfo, device, callbacks)
+    tok, splits = run.prepare_data("static")
+    trainer = StaticTrainer(run, tok.eos_id, tok.vocab_size, splits["train"], splits["valid"])
+    ck = run.resume_or_start(resume, trainer.params, RESUME_MUST_MATCH, RESUME_MAY_DIFFER)
+    if ck is not None:
+        trainer.load_state_dict(ck)
+    run.announce(f"model: {sum(p.numel() for p in trainer.params.values()):,} parameters, vocab {tok.vocab_size}, "
+                 f"{trainer.steps_per_epoch} steps/epoch, {trainer.total} steps, device {device}"
+                 + (f", {dinfo.world_size} processes ({dinfo.backend})" if dinfo.enabled else ""))
+    if run.main:
+        warn_long_warmup(t, trainer.total)
+    stopped_by = run.loop(trainer, "train", trainer.total)
+    ckpt_dir = run.ckpt_dir
+    return run.finish({"best_valid_ppl": run.state.best_valid, "train_loss": trainer.last_loss, "steps": run.state.step,
+                       "minutes": run.minutes(), "tokens": run.state.tokens, "skipped_steps": run.guard.skipped,
+                       "checkpoint": str(ckpt_dir / "best.pt"), "stopped_by": stopped_by,
+                       "last_checkpoint": str(ckpt_dir / "last.pt"), "is_main": run.main})
 
-    def global_hidden():
+
+class StaticTrainer:
+    """The static LM's step (see loop.Trainer): truncated BPTT on the next chunk of every stream,
+    AdamW with warmup and a cosine schedule, the loss window for the logs."""
+    validate_on_stop = False  # a stop saves where it is; validation stays on its schedule
+
+    def __init__(self, run: Run, eos_id: int, vocab_size: int, train_arts, valid_arts):
+        t = run.cfg.train
+        self.run, self.t, self.eos_id, self.train_arts = run, t, eos_id, train_arts
+        self.lm = LSTMLM(run.cfg.model, vocab_size)
+        self.params = {k: v.requires_grad_() for k, v in self.lm.init_params(t.seed, device=run.device).items()}
+        self.opt = torch.optim.AdamW(self.params.values(), lr=t.lr, weight_decay=t.weight_decay)
+        self.steps_per_epoch = len(epoch_layout(train_arts, run.cfg, eos_id, 0))
+        self.total = t.max_steps or self.steps_per_epoch * t.epochs
+        self.my_valid = D.shard(valid_arts, run.dinfo.rank, run.dinfo.world_size)
+        self.hidden = None  # the streams' LSTM state, [(h, c)] of (B, H); None: no step taken yet
+        self.window_loss, self.window_n, self.window_start = 0.0, 0, time.perf_counter()
+        self.last_loss, self.positions = None, None
+
+    def load_state_dict(self, ck: dict) -> None:
+        """The trainer's part of a checkpoint (loop.Run restores the rest)."""
+        with torch.no_grad():
+            for k, v in ck["params"].items():
+                self.params[k].copy_(v)
+        self.opt.load_state_dict(ck["optimizer"])
+        self.window_loss, self.window_n = ck.get("window", (0.0, 0))
+        if ck["chunk"]:  # mid-epoch: the streams carry their hidden state on
+            d = self.run.dinfo
+            rows = D.shard_slice(ck["hidden"][0][0].shape[0], d.rank, d.world_size)
+            self.hidden = [(h[rows].to(self.run.device), c[rows].to(self.run.device)) for h, c in ck["hidden"]]
+
+    def state_dict(self) -> dict:
+        """Weights, optimizer, every stream's hidden state, the logging window (collective under torchrun)."""
+        return {"params": {k: v.detach() for k, v in self.params.items()}, "optimizer": self.opt.state_dict(),
+                "hidden": self._global_hidden(), "window": (self.window_loss, self.window_n)}
+
+    def _global_hidden(self):
         """Every stream's hidden state in global row order (rank blocks are contiguous)."""
-        local = [(h.detach().cpu(), c.detach().cpu()) for h, c in state or []]  # None: no step taken yet
-        if not dinfo.enabled:
+        local = [(h.detach().cpu(), c.detach().cpu()) for h, c in self.hidden or []]
+        if not self.run.dinfo.enabled:
             return local
         parts = D.gather_objects(local)
         return [(torch.cat([p[l][0] for p in parts]), torch.cat([p[l][1] for p in parts])) for l in range(len(local))]
 
-    def checkpoint_state() -> dict:
-        """Collective under torchrun (gathers hidden state and RNG): call on every rank."""
-        ck = {"kind": "static", "config": to_dict(cfg), "params": {k: v.detach() for k, v in params.items()},
-              "optimizer": opt.state_dict(), "minutes": minutes(), "step": step, "epoch": epoch,
-              "chunk": chunk_idx, "best_valid_ppl": best, "rng": rng_state(), "hidden": global_hidden(),
-              "vocab_size": tok.vocab_size, "tokenizer_fingerprint": tok.fingerprint(),
-              "data_signature": data_signature(train_arts), "world_size": dinfo.world_size,
-              "faults": guard.state_dict(), "tokens_seen": tokens_seen, "window": (window_loss, window_n)}
-        if dinfo.enabled:
-            ck["rng_per_rank"] = D.gather_objects(rng_state())
-        return ck
+    def progress(self) -> float:
+        """How far the run is, in [0, 1]: in steps or in time, whichever is further."""
+        t = self.t
+        return max(self.run.state.step / self.total if self.total else 0.0,
+                   self.run.minutes() / t.max_minutes if t.max_minutes else 0.0)
 
-    def save(best_too: bool = False) -> None:
-        ck = checkpoint_state()
-        if main:
-            if best_too:
-                save_checkpoint(ck, ckpt_dir / "best.pt")
-            save_rotating(ck, ckpt_dir, step, keep_last=t.keep_checkpoints)
+    def done(self) -> bool:
+        return self.progress() >= 1.0
 
-    my_valid = D.shard(valid_arts, dinfo.rank, dinfo.world_size)
+    def step(self) -> tuple[bool, bool]:
+        """One truncated-BPTT step on the next chunk; returns (validation due, save due): every
+        train.eval_every steps and at the end of each epoch, validate and save."""
+        run, s = self.run, self.run.state
+        if self.positions is None:  # from the (possibly resumed) reading position
+            self.positions = reading_positions(
+                lambda e: epoch_layout(self.train_arts, run.cfg, self.eos_id, e, run.dinfo), s.epoch, s.chunk)
+        epoch, c, layout = next(self.positions)
+        if self.hidden is None or c == 0:
+            self.hidden = self.lm.init_state(layout.n_streams, device=run.device)
+        self._train_on(layout.chunk(c).to(run.device), layout.n_streams)
+        s.step += 1
+        run.bar.update()
+        if s.step % self.t.log_every == 0 or self.done():  # the last step too: a short run still shows its loss
+            self._log(epoch + (c + 1) / len(layout))
+        end_of_epoch = c + 1 == len(layout)
+        s.epoch, s.chunk = (epoch + 1, 0) if end_of_epoch else (epoch, c + 1)  # where a resumed run continues
+        due = s.step % self.t.eval_every == 0 or end_of_epoch
+        return due, due
 
-    def validate() -> float:
+    def _train_on(self, chunk, n_streams: int) -> None:
+        """Forward and backward over one chunk, the all-reduced gradient, and the update unless it is
+        not finite (then a non-finite hidden state restarts too, or it would poison the next chunks)."""
+        run, t, lm, params = self.run, self.t, self.lm, self.params
+        state = reset_rows(self.hidden, chunk.new_article) if t.boundary == "reset" else self.hidden
+        state = [(h.detach(), c.detach()) for h, c in state]  # truncated BPTT
+        n_global = D.all_reduce_sum(int(chunk.mask.sum()))  # every rank divides by the global count: exact mean gradient
+        with autocast(run.device, t.bf16):
+            out, state = lm.hidden(params, chunk.inputs, state, train=True)
+            nll = lm.nll(params, out, chunk.targets)  # (B, T)
+        loss = run.on_loss((nll * chunk.mask).sum() / max(n_global, 1))
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        D.all_reduce_grads(params.values())
+        loss_global = float(D.all_reduce_sum(loss.detach()))
+        grad_norm = torch.nn.utils.clip_grad_norm_(params.values(), t.clip)
+        if run.guard.check(run.state.step + 1, loss=loss_global, grad_norm=grad_norm):
+            for group in self.opt.param_groups:
+                group["lr"] = t.lr * lr_factor(t, self.progress(), run.state.step)
+            self.opt.step()
+            self.window_loss, self.window_n = self.window_loss + loss_global * n_global, self.window_n + n_global
+            run.state.tokens += n_global
+        else:
+            self.opt.zero_grad(set_to_none=True)
+            if not all(bool(torch.isfinite(h).all() and torch.isfinite(c).all()) for h, c in state):
+                state = lm.init_state(n_streams, device=run.device)
+        self.hidden = as_dtype(state, next(iter(params.values())).dtype)  # autocast's bf16 back to the weights'
+
+    def _log(self, epoch: float) -> None:
+        """The loss, perplexity and throughput since the last log."""
+        run, now = self.run, time.perf_counter()
+        metrics = {"train/lr": self.opt.param_groups[0]["lr"], "train/skipped_steps": run.guard.skipped,
+                   "train/epoch": epoch}
+        if self.window_n:
+            self.last_loss = self.window_loss / self.window_n
+            metrics.update({"train/loss": self.last_loss, "train/ppl": math.exp(self.last_loss),
+                            "train/tokens_per_s": self.window_n / (now - self.window_start)})
+            run.bar.set_postfix(loss=f"{self.last_loss:.3f}")
+        run.tracker.log(metrics, step=run.state.step, echo=not interactive())  # on a terminal the bar shows the loss
+        self.window_loss, self.window_n, self.window_start = 0.0, 0, now
+
+    def validate(self) -> tuple[float, dict]:
+        """Validation perplexity, each rank scoring its share of the articles (collective)."""
+        run, e = self.run, self.run.cfg.eval
         nll_sum, n = 0.0, 0
-        if my_valid:
-            s = score(lm, {k: v.detach() for k, v in params.items()}, my_valid, eos_id=tok.eos_id,
-                      segment_length=cfg.eval.segment_length, batch_size=cfg.eval.batch_size,
-                      boundary=cfg.eval.boundary, device=device, bf16=t.bf16, desc="valid")
+        if self.my_valid:
+            s = score(self.lm, {k: v.detach() for k, v in self.params.items()}, self.my_valid, eos_id=self.eos_id,
+                      segment_length=e.segment_length, batch_size=e.batch_size, boundary=e.boundary,
+                      device=run.device, bf16=self.t.bf16, desc="valid")
             nll_sum, n = float(s.nll.sum()), len(s.nll)
-        return perplexity(D.all_reduce_sum(nll_sum), D.all_reduce_sum(n))
-
-    tracker = Tracker(cfg.log, run_dir, to_dict(cfg), job_type="train", enabled=main)
-    start = time.perf_counter()
-    agreed_minutes = minutes_before  # under torchrun: rank-0-independent, agreed once per step
-
-    def minutes() -> float:  # training time, across resumes
-        if dinfo.enabled:
-            return agreed_minutes
-        return minutes_before + (time.perf_counter() - start) / 60
-
-    def progress() -> float:
-        return max(step / total if total else 0.0, minutes() / t.max_minutes if t.max_minutes else 0.0)
-
-    window_start = time.perf_counter()
-    stopped_by, last_loss = None, None
-    saved_at = step if resume and step else None  # the step whose checkpoint is on disk
-    bar = progress_bar(total=total, initial=step, desc="train", enabled=main)
-    with StopOnSignals() as stop:
-        positions = reading_positions(train_arts, cfg, tok.eos_id, epoch, chunk_idx, dinfo)
-        finished = progress() >= 1.0  # e.g. resuming a run that had already finished
-        while not finished:
-            # one place per step where all ranks agree: stop requests and the clock
-            if dinfo.enabled:
-                agreed_minutes, stop_anywhere = D.max_floats(
-                    [minutes_before + (time.perf_counter() - start) / 60, float(stop.requested)])
-                if stop_anywhere and not stop.requested:
-                    stop.request()  # another rank got the signal
-            if stop.requested:
-                if saved_at != step:
-                    save()
-                stopped_by = stop.name
-                break
-            epoch, chunk_idx, layout = next(positions)
-            if state is None or chunk_idx == 0:
-                state = lm.init_state(layout.n_streams, device=device)
-            chunk = layout.chunk(chunk_idx).to(device)
-            if t.boundary == "reset":
-                state = reset_rows(state, chunk.new_article)
-            state = [(h.detach(), c.detach()) for h, c in state]  # truncated BPTT
-            n = int(chunk.mask.sum())
-            n_global = D.all_reduce_sum(n)  # every rank divides by the global count: exact mean gradient
-            with autocast(device, t.bf16):
-                out, state = lm.hidden(params, chunk.inputs, state, train=True)
-                nll = lm.nll(params, out, chunk.targets)  # (B, T)
-            loss = (nll * chunk.mask).sum() / max(n_global, 1)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            D.all_reduce_grads(params.values())
-            loss_global = float(D.all_reduce_sum(loss.detach()))
-            grad_norm = torch.nn.utils.clip_grad_norm_(params.values(), t.clip)
-            if guard.check(step + 1, loss=loss_global, grad_norm=grad_norm):
-                for group in opt.param_groups:
-                    group["lr"] = t.lr * lr_factor(t, progress(), step)
-                opt.step()
-                window_loss, window_n = window_loss + loss_global * n_global, window_n + n_global
-                tokens_seen += n_global
-            else:  # skip the update; a non-finite hidden state would poison the next chunks too
-                opt.zero_grad(set_to_none=True)
-                if not all(bool(torch.isfinite(h).all() and torch.isfinite(c).all()) for h, c in state):
-                    state = lm.init_state(layout.n_streams, device=device)
-            state = [(h.float(), c.float()) for h, c in state]
-            step += 1
-            bar.update()
-            done = progress() >= 1.0
-            if step % t.log_every == 0 or done:  # the last step too: a short run still shows its loss
-                now = time.perf_counter()
-                metrics = {"train/lr": opt.param_groups[0]["lr"], "train/skipped_steps": guard.skipped,
-                           "train/epoch": epoch + (chunk_idx + 1) / len(layout)}
-                if window_n:
-                    last_loss = window_loss / window_n
-                    metrics.update({"train/loss": window_loss / window_n, "train/ppl": math.exp(window_loss / window_n),
-                                    "train/tokens_per_s": window_n / (now - window_start)})
-                    bar.set_postfix(loss=f"{window_loss / window_n:.3f}")
-                tracker.log(metrics, step=step, echo=not interactive())  # on a terminal the bar shows the loss
-                window_loss, window_n, window_start = 0.0, 0, now
-            # where a resumed run continues reading
-            end_of_epoch = chunk_idx + 1 == len(layout)
-            epoch, chunk_idx = (epoch + 1, 0) if end_of_epoch else (epoch, chunk_idx + 1)
-            if step % t.eval_every == 0 or end_of_epoch or done:
-                ppl = validate()
-                tracker.log({"valid/ppl": ppl, "train/minutes": minutes(), "train/skipped_steps": guard.skipped},
-                            step=step)
-                improved = ppl < best
-                if improved:
-                    best = ppl
-                save(best_too=improved)
-                saved_at = step
-            finished = done
-    bar.close()
-    result = {"best_valid_ppl": best, "train_loss": last_loss, "steps": step, "minutes": minutes(), "tokens": tokens_seen,
-              "skipped_steps": guard.skipped, "checkpoint": str(ckpt_dir / "best.pt"), "stopped_by": stopped_by,
-              "last_checkpoint": str(ckpt_dir / "last.pt"), "is_main": main}
-    if stopped_by and main:
-        print(f"{stopped_by}: stopped at step {step}; checkpoint {ckpt_dir / 'last.pt'}; continue with --resume",
-              flush=True)
-    tracker.summary({k: v for k, v in result.items() if k != "is_main"})
-    tracker.finish(exit_code=1 if stopped_by else 0)
-    return result
+        ppl = perplexity(D.all_reduce_sum(nll_sum), D.all_reduce_sum(n))
+        return ppl, {"valid/ppl": ppl, "train/minutes": run.minutes(), "train/skipped_steps": run.guard.skipped}
