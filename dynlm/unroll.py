@@ -3,7 +3,8 @@
 Each chunk is scored with the weights the model had *before* seeing it; only then does
 the rule update the weights. The same step serves evaluation (`meta=False`: everything
 is detached after each step) and meta-training (`meta=True`: the graph is kept so the
-summed prequential loss can be back-propagated into the learner and theta0).
+summed prequential loss can be back-propagated into the learner, and into theta0 when
+`meta.theta0_lr` > 0; by default it is not).
 
 `chunk_step` is the pure core (weights and memory in, new memory out); `Stepper` binds the model,
 the weights and the rule once and is what every reader uses (evaluation, meta-training, bench, cost):
@@ -177,9 +178,11 @@ def chunk_step(lm: LSTMLM, params: Params, theta0: Params, rule: Rule, reader: R
     """Score `chunk` with the current weights, then let the rule update them.
 
     Returns nll (B, T), the new reader, and stats (the rule's gate means, and "out": the top-layer
-    outputs (B, T, H), detached, for the neural cache). checkpoint (meta-training): keep nothing of
-    the step for the backward pass but its inputs and recompute it then, so memory does not grow
-    with the unroll length (the paper's "hidden-state memorization")."""
+    outputs (B, T, H), detached, for the neural cache; with meta=True also "held", the update's
+    inputs, for `truncate`). checkpoint (meta-training): keep only the step's inputs (every stream's
+    fast weights, rule state, hidden state and, in first order, the inner gradient) and recompute the
+    rest in backward; memory still grows with the unroll length by those inputs per step (8.2x from
+    K=4 to 64 checkpointed, 13.8x without; docs/performance.md)."""
     if not (checkpoint and meta):
         return _chunk_step(lm, params, theta0, rule, reader, chunk, meta, second_order)
     if second_order:
@@ -362,7 +365,7 @@ class _RuleStep(torch.nn.Module):
 
 class _SecondOrderStep(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, run, n_inputs, *tensors):
+    def forward(ctx, run, *tensors):
         ctx.run = run
         ctx.save_for_backward(*tensors)
         outs = run(list(tensors), second_order=False)  # same values, no double-backward graph
@@ -377,7 +380,7 @@ class _SecondOrderStep(torch.autograd.Function):
         wrt = [t for t in inputs if t.requires_grad]
         grads = iter(torch.autograd.grad([o for o, _ in used], wrt, [g for _, g in used], allow_unused=True)
                      if used and wrt else [None] * len(wrt))
-        return (None, None, *[next(grads) if t.requires_grad else None for t in inputs])
+        return (None, *[next(grads) if t.requires_grad else None for t in inputs])
 
 
 def _second_order_checkpoint(lm, params, theta0, rule, reader, chunk):
@@ -399,5 +402,5 @@ def _second_order_checkpoint(lm, params, theta0, rule, reader, chunk):
             kept.update(reader=new, stats=stats)
         return [nll, *_reader_tensors(new)]
 
-    outs = _SecondOrderStep.apply(run, len(flat), *flat)
+    outs = _SecondOrderStep.apply(run, *flat)
     return outs[0], _rebuild_reader(kept["reader"], list(outs[1:])), kept["stats"]
