@@ -1010,7 +1010,8 @@ def goal_note(records: list[dict], scale: str) -> str:
     parts += [cmp(a, b) for a, b in (("learned@all", "dyneval"), ("learned+cache", "dyneval+cache"),
                                      ("learned@all+cache", "dyneval+cache")) if a in m and b in m]
     best = min(m, key=lambda k: _ppl(m[k]))
-    left_out = (r or {}).get("modes_left_out") or []
+    left_out = [m for e in dict(PROTOCOL_EXPERIMENTS)["article"]
+                for m in (_record(records, scale, e) or {}).get("modes_left_out") or []]
     text = (f"**Headline** (`{s.get('protocol', '?')}` protocol, one base model, the first "
             f"{m['static']['n_articles']} validation articles; {tuning_clause(s, r)}): " + "; ".join(parts)
             + f". Best of the modes run: {best} ({_ppl(m[best]):.2f}, {100 * m[best]['rel_change_vs_static']:+.1f}% "
