@@ -1137,6 +1137,14 @@ def render_results(records: list[dict]) -> str:
     return "\n".join(out)
 
 
+MODE_LEGEND = ("Modes: `static` no adaptation; `sgd` plain gradient steps; `dyneval` Krause et al.'s dynamic "
+               "evaluation (every weight unless `@lstm`); `adam` the hand-set Adam-like control of the learned rule's "
+               "form; `learned` the meta-learned rule (LSTM weights unless `@all`); `cache` Grave et al.'s neural cache, "
+               "`MODE+cache` on top of MODE. Protocols: `article` reads each article from θ0, segments of 20 tokens; "
+               "`krause` one stream through all articles, never reset, segments of 5. A blank cell: not run by "
+               "`dynlm experiment` under that protocol.")
+
+
 def comparison_commands(records: list[dict], scale: str) -> list[str]:
     """The commands whose records fill the comparison table, one per experiment, in column order."""
     found = [_record(records, scale, e) for _, exps in PROTOCOL_EXPERIMENTS for e in exps]
@@ -1151,8 +1159,10 @@ def readme_section(records: list[dict]) -> str:
         commands = "\n".join(comparison_commands(records, "cpu"))
         lead = ["Every mode on the first 20 WikiText-2 validation articles, one CPU-scale base model, under both "
                 "evaluation protocols (perplexity; change vs static in brackets; every tuned mode tuned on other "
-                "validation articles):", "", comparison, "", f"```bash\n{commands}\n```", "", goal_note(records, "cpu"),
-                ""]
+                "validation articles):", "", comparison, "", MODE_LEGEND, "",
+                "Produced by (WikiText-2 read from `../shared/data/wikitext-2`, or `--data-dir DIR`; `make demo` runs "
+                "the same pipeline on the bundled synthetic corpus):", "", f"```bash\n{commands}\n```", "",
+                goal_note(records, "cpu"), ""]
     return "\n".join([README_BEGIN, "", *lead, "Every experiment run so far (details, commits and commands in "
                       "[experiments/RESULTS.md](experiments/RESULTS.md)):", "", table, "",
                       "For orientation only, published numbers of a much larger model (AWD-LSTM: 3 layers of "
