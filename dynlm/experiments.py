@@ -1010,8 +1010,8 @@ def goal_note(records: list[dict], scale: str) -> str:
     parts += [cmp(a, b) for a, b in (("learned@all", "dyneval"), ("learned+cache", "dyneval+cache"),
                                      ("learned@all+cache", "dyneval+cache")) if a in m and b in m]
     best = min(m, key=lambda k: _ppl(m[k]))
-    left_out = [m for e in dict(PROTOCOL_EXPERIMENTS)["article"]
-                for m in (_record(records, scale, e) or {}).get("modes_left_out") or []]
+    left_out = [mode for e in dict(PROTOCOL_EXPERIMENTS)["article"]
+                for mode in (_record(records, scale, e) or {}).get("modes_left_out") or []]
     text = (f"**Headline** (`{s.get('protocol', '?')}` protocol, one base model, the first "
             f"{m['static']['n_articles']} validation articles; {tuning_clause(s, r)}): " + "; ".join(parts)
             + f". Best of the modes run: {best} ({_ppl(m[best]):.2f}, {100 * m[best]['rel_change_vs_static']:+.1f}% "
@@ -1140,8 +1140,9 @@ def render_results(records: list[dict]) -> str:
 MODE_LEGEND = ("Modes: `static` no adaptation; `sgd` plain gradient steps; `dyneval` Krause et al.'s dynamic "
                "evaluation (every weight unless `@lstm`); `adam` the hand-set Adam-like control of the learned rule's "
                "form; `learned` the meta-learned rule (LSTM weights unless `@all`); `cache` Grave et al.'s neural cache, "
-               "`MODE+cache` on top of MODE. Protocols: `article` reads each article from θ0, segments of 20 tokens; "
-               "`krause` one stream through all articles, never reset, segments of 5. A blank cell: not run by "
+               "`MODE+cache` on top of MODE. Protocols: `article` reads each article from θ0, segments of "
+               f"{PROTOCOLS['article']['segment_length']} tokens; `krause` one stream through all articles, never "
+               f"reset, segments of {PROTOCOLS['krause']['segment_length']}. A blank cell: not run by "
                "`dynlm experiment` under that protocol.")
 
 
@@ -1157,7 +1158,9 @@ def readme_section(records: list[dict]) -> str:
     lead = []
     if comparison:
         commands = "\n".join(comparison_commands(records, "cpu"))
-        lead = ["Every mode on the first 20 WikiText-2 validation articles, one CPU-scale base model, under both "
+        first = next(s for s in (protocol_summary(records, "cpu", e) for _, e in PROTOCOL_EXPERIMENTS) if s)
+        articles = next(iter(first["modes"].values()))["n_articles"]  # the table's columns score the same articles
+        lead = [f"Every mode on the first {articles} WikiText-2 validation articles, one CPU-scale base model, under both "
                 "evaluation protocols (perplexity; change vs static in brackets; every tuned mode tuned on other "
                 "validation articles):", "", comparison, "", MODE_LEGEND, "",
                 "Produced by (WikiText-2 read from `../shared/data/wikitext-2`, or `--data-dir DIR`; `make demo` runs "
