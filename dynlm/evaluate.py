@@ -6,6 +6,7 @@ before seeing it. The `mode` column names the method; `static` is the 1-level mo
 from __future__ import annotations
 
 import csv
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -127,7 +128,7 @@ def summarize(results: dict[str, TokenScores], articles: list[Article], per_word
         modes[mode] = {"ppl": perplexity(total, n_tokens), "nll_per_token": total / n_tokens,
                        f"ppl_first{EARLY_TOKENS}": perplexity(float(s.nll[early].sum()), int(early.sum())),
                        "n_tokens": n_tokens, "n_articles": len(articles),
-                       "tokens_per_s": n_tokens / s.seconds if s.seconds else None}
+                       "seconds": s.seconds, "tokens_per_s": n_tokens / s.seconds if s.seconds else None}
         if s.drift is not None:  # relative weight drift ||theta - theta0|| / ||theta0||: bounded or not
             modes[mode]["weight_drift"] = {"final_mean": float(s.drift[-1, 1]), "max": float(s.drift[:, 2].max())}
         if per_word:
@@ -170,6 +171,37 @@ def write_results(out_dir: Path, results: dict[str, TokenScores], articles: list
             w.writerow(["mode", "tokens_read", "drift_mean", "drift_max"])
             w.writerows(drift)
     return summary
+
+
+def read_scores(out_dir: Path, modes: list[str], articles: list[Article]) -> dict[str, TokenScores]:
+    """The scores of `modes` that write_results left in out_dir (tokens.parquet, summary.json, drift.csv),
+    as score returned them, for an evaluation that keeps them beside new modes. ValueError when the
+    directory scored other tokens than `articles` hold (other articles, another tokenizer)."""
+    table = pq.read_table(out_dir / "tokens.parquet")
+    summary = json.loads((out_dir / "summary.json").read_text())
+    index = {a.id: i for i, a in enumerate(articles)}
+    ids = table.column("article_id").to_pylist()
+    if any(i not in index for i in ids):
+        raise ValueError(f"{out_dir}: scored articles that this evaluation does not read")
+    article = np.array([index[i] for i in ids], dtype=np.int64)
+    position, token = table.column("position").to_numpy(), table.column("token").to_numpy()
+    want_token = np.concatenate([a.ids for a in articles]) if articles else np.zeros(0, np.int64)
+    want_article = np.repeat(np.arange(len(articles)), [len(a) for a in articles])
+    if not (np.array_equal(article, want_article) and np.array_equal(token, want_token)):
+        raise ValueError(f"{out_dir}: scored other tokens than this evaluation reads")
+    drift: dict[str, list] = {}
+    if (out_dir / "drift.csv").is_file():
+        with open_csv(out_dir / "drift.csv") as f:
+            for r in csv.DictReader(f):
+                drift.setdefault(r["mode"], []).append((float(r["tokens_read"]), float(r["drift_mean"]),
+                                                        float(r["drift_max"])))
+    found = {}
+    for mode in modes:
+        m = summary["modes"][mode]
+        seconds = m.get("seconds") or (m["n_tokens"] / m["tokens_per_s"] if m.get("tokens_per_s") else 0.0)
+        found[mode] = TokenScores(article, position, token, table.column(f"nll_{mode}").to_numpy(), seconds,
+                                  np.array(drift[mode]) if mode in drift else None)
+    return found
 
 
 def markdown_table(summary: dict) -> str:

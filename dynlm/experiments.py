@@ -371,7 +371,7 @@ def take_modes(src: Path, out: Path, modes: list[str], report_cfg) -> None:
     out.mkdir(parents=True)
     summary = _read_json(src / "summary.json")
     summary["modes"] = {m: v for m, v in summary["modes"].items() if m in modes}
-    for key in ("settings",):  # what the modes taken ran with, and nothing of the others
+    for key in ("settings", "scored_by"):  # what the modes taken ran with, and nothing of the others
         if key in summary:
             summary[key] = {m: v for m, v in summary[key].items() if m in modes}
     if isinstance(summary.get("tuned"), dict) and "modes" in summary["tuned"]:
@@ -489,13 +489,13 @@ class ExperimentRunner:
 
     def checkpoint_for(self, ac: ArmConfig) -> Path:
         """What an arm evaluates: its meta-trained checkpoint, or the base model."""
-        return best_or_last(self.meta_run(ac)[1]) if self.exp.learner else self.base_checkpoint()
+        return best_or_last(self.meta_run(ac)[1]) if self.learner else self.base_checkpoint()
 
     def tune_target(self, ac: ArmConfig) -> Path:
         """The checkpoint whose weights the baselines read. Meta-training with theta0 and the static
         weights fixed leaves the base weights as they were, so the base is tuned once for everyone."""
         m = ac.cfg.meta
-        if self.exp.learner and (m.theta0_lr > 0 or m.static_lr > 0):
+        if self.learner and (m.theta0_lr > 0 or m.static_lr > 0):
             return self.checkpoint_for(ac)
         return self.base_checkpoint()
 
@@ -525,15 +525,29 @@ class ExperimentRunner:
         tuned = tuned_path(target, ac.cfg)
         if not tuned.is_file():
             return ac.cfg, None
-        modes = {m: v for m, v in read_tuned(tuned).items() if m in self.exp.modes}
+        modes = {m: v for m, v in read_tuned(tuned).items() if m in self.all_modes}
         return ac.cfg, {"path": tuned, "target": target, "modes": modes,
                         "explicit": sorted(self.explicit_rule_keys(ac) & TUNABLE)}
 
-    def eval_key(self, ckpt: Path, cfg: Config, tuned: dict | None = None) -> dict:
+    @property
+    def learner(self) -> bool:
+        """Whether the experiment reads a meta-trained learner: then every mode of it, also of a `--modes`
+        run without a learned one, is scored on the meta-trained checkpoint (one evaluation, one model)."""
+        return EXPERIMENTS.get(self.exp.name, self.exp).learner
+
+    @property
+    def all_modes(self) -> tuple[str, ...]:
+        """The experiment's modes, also those a `--modes` run leaves out (its evaluation keeps their scores)."""
+        full = EXPERIMENTS.get(self.exp.name)
+        return tuple(dict.fromkeys((*full.modes, *self.exp.modes))) if full else self.exp.modes
+
+    def eval_key(self, ckpt: Path, cfg: Config, tuned: dict | None = None, modes=None) -> dict:
+        modes = list(self.exp.modes if modes is None else modes)
         settings = _select(to_dict(cfg), ("eval", "rule", "data", "model", "train.bf16"),
                            ("eval.modes", "rule.compile", "data.cache_dir"))
-        return {"weights": weights_fingerprint(ckpt), "split": SPLIT, "modes": list(self.exp.modes), **settings,
-                "tuned": (tuned or {}).get("modes", {}), "explicit": (tuned or {}).get("explicit", [])}
+        return {"weights": weights_fingerprint(ckpt), "split": SPLIT, "modes": modes, **settings,
+                "tuned": {m: v for m, v in (tuned or {}).get("modes", {}).items() if m in modes},
+                "explicit": (tuned or {}).get("explicit", [])}
 
     def eval_dir(self, ac: ArmConfig) -> Path:
         return self.exp_dir / ac.arm.name / f"eval_{SPLIT}"
@@ -573,7 +587,7 @@ class ExperimentRunner:
                          check_train, run_train,
                          _budget(static.train.max_minutes, static.train.max_steps, static.train.epochs)))
 
-        if exp.learner:
+        if self.learner:
             for ac in self.configs.arms:
                 out.append(self._meta_stage(ac))
         for target_arms in self._tune_groups():
@@ -685,14 +699,29 @@ class ExperimentRunner:
                      check, run)
 
     def _eval_stage(self, ac: ArmConfig) -> Stage:
-        def state() -> tuple[Path, Config, dict | None, bool]:
-            ckpt = self.checkpoint_for(ac)
-            cfg, tuned = self.eval_cfg(ac)
+        def kept(ckpt: Path, cfg: Config, tuned: dict | None) -> list[str]:
+            """Modes of the evaluation already in the arm's directory that stand as they are: scored on
+            these weights, articles and settings, each with the tuned values it would run with now, and
+            still modes of the experiment. A run (with `--modes`, or after a mode was added) scores only
+            the others and keeps these beside them, instead of scoring every column again."""
             out = self.eval_dir(ac)
             record = _read_json(out / RECORD)
-            done = (ckpt.is_file() and (out / "summary.json").is_file() and record is not None
-                    and record.get("key") == self.eval_key(ckpt, cfg, tuned))
-            return ckpt, cfg, tuned, done
+            if "evaluate" in self.redo or not ckpt.is_file() or not record or not (out / "summary.json").is_file():
+                return []
+            old, new = record.get("key") or {}, self.eval_key(ckpt, cfg, tuned, self.all_modes)
+            if _without(old, "modes", "tuned") != _without(new, "modes", "tuned"):
+                return []
+            return [m for m in old.get("modes", ()) if m in self.all_modes
+                    and old.get("tuned", {}).get(m) == new["tuned"].get(m)]
+
+        def state() -> tuple[Path, Config, dict | None, list[str], list[str]]:
+            """The checkpoint, config, tuned values, the modes the evaluation will hold (the asked ones and
+            those kept, in the experiment's order) and the modes kept."""
+            ckpt = self.checkpoint_for(ac)
+            cfg, tuned = self.eval_cfg(ac)
+            keep = kept(ckpt, cfg, tuned)
+            modes = [m for m in self.all_modes if m in self.exp.modes or m in keep]
+            return ckpt, cfg, tuned, modes, keep
 
         def others() -> list[tuple[Path, dict]]:
             """(directory, recorded key) of every other experiment's finished evaluation."""
@@ -714,7 +743,7 @@ class ExperimentRunner:
             """Another experiment's evaluation of the same base weights, settings and articles with more
             modes (the baselines inside 2-level): without `learned`, the learner is not read, so this
             evaluation is those modes' results, taken out of it rather than computed again."""
-            if "evaluate" in self.redo or self.exp.learner or not ckpt.is_file():
+            if "evaluate" in self.redo or self.learner or not ckpt.is_file():
                 return None
             settings = _without(self.eval_key(ckpt, cfg, tuned), "weights", "modes", "tuned", "explicit")
             mine = self.eval_key(ckpt, cfg, tuned)["tuned"]
@@ -728,32 +757,35 @@ class ExperimentRunner:
                          and str(other.get("weights", "")).split("+")[0] == base), None)
 
         def check():
-            ckpt, cfg, tuned, done = state()
+            ckpt, cfg, tuned, modes, keep = state()
             out = self.eval_dir(ac)
-            if done:
+            if set(self.exp.modes) <= set(keep):
                 return True, f"done: {out} (same weights, modes and settings)"
-            other = same_elsewhere(ckpt, cfg, tuned)
+            other = None if keep else same_elsewhere(ckpt, cfg, tuned)
             if other:
                 return False, f"copy {other} (same weights, modes and settings) -> {out}"
-            other = superset_elsewhere(ckpt, cfg, tuned)
+            other = None if keep else superset_elsewhere(ckpt, cfg, tuned)
             if other:
                 return False, f"take {', '.join(self.exp.modes)} out of {other} (same base weights and settings) -> {out}"
-            return False, f"evaluate {ckpt} -> {out}"
+            kept_note = f", keeping the scores of {', '.join(keep)} there" if keep else ""
+            return False, (f"evaluate {', '.join(m for m in modes if m not in keep)} of {ckpt} -> {out}{kept_note}")
 
         def run():
-            ckpt, cfg, tuned, _ = state()
+            ckpt, cfg, tuned, modes, keep = state()
             out = self.eval_dir(ac)
-            other = same_elsewhere(ckpt, cfg, tuned)
+            other = None if keep else same_elsewhere(ckpt, cfg, tuned)
             if other:  # its record (commit, command, time) stays with the copied numbers
                 shutil.rmtree(out, ignore_errors=True)
                 shutil.copytree(other, out)
                 save_config(cfg, out.parent / "config.yaml")
                 return
-            other = superset_elsewhere(ckpt, cfg, tuned)
+            other = None if keep else superset_elsewhere(ckpt, cfg, tuned)
             if other:
                 take_modes(other, out, list(self.exp.modes), cfg.report)
                 record = _read_json(other / RECORD)
-                _write_json(out / RECORD, {**record, "key": self.eval_key(ckpt, cfg, tuned), "taken_from": str(other)})
+                scored_by = {m: v for m, v in (record.get("scored_by") or {}).items() if m in self.exp.modes}
+                _write_json(out / RECORD, {**record, "key": self.eval_key(ckpt, cfg, tuned), "taken_from": str(other),
+                                           **({"scored_by": scored_by} if scored_by else {})})
                 save_config(cfg, out.parent / "config.yaml")
                 return
             previous = _read_json(out / "summary.json") if "evaluate" in self.redo else None
@@ -764,13 +796,17 @@ class ExperimentRunner:
             scored = (0, cfg.eval.max_articles or 10**9)
             info = (tuned_in_effect(tuned["path"], tuned["target"], cfg, self.explicit_rule_keys(ac), scored)
                     if tuned else None)
+            old_record = _read_json(out / RECORD) or {}
             started = time.perf_counter()
-            evaluate_checkpoint(ck, ckpt, cfg, SPLIT, list(self.exp.modes), out, tuned=info)
+            evaluate_checkpoint(ck, ckpt, cfg, SPLIT, modes, out, tuned=info, keep=keep)
             save_config(cfg, out.parent / "config.yaml")
-            _write_json(out / RECORD, {"key": self.eval_key(ckpt, cfg, tuned), "checkpoint": str(ckpt),
-                                       "commit": self.commit, "command": self.command, "finished": _now(),
-                                       "seconds": time.perf_counter() - started,
-                                       "threads": torch.get_num_threads()})
+            this = {"commit": self.commit, "command": self.command, "finished": _now()}
+            earlier = {k: old_record.get(k) for k in this}
+            # who scored each mode: this run, or (kept) the run that scored it before
+            scored_by = {m: (old_record.get("scored_by") or {}).get(m, earlier) if m in keep else this for m in modes}
+            _write_json(out / RECORD, {"key": self.eval_key(ckpt, cfg, tuned, modes), "checkpoint": str(ckpt),
+                                       **this, "seconds": time.perf_counter() - started,
+                                       "threads": torch.get_num_threads(), "scored_by": scored_by})
             if previous:
                 print(compare_summaries(previous, _read_json(out / "summary.json"),
                                         (previous_threads, torch.get_num_threads())))
@@ -791,18 +827,21 @@ class ExperimentRunner:
             entry = {"name": ac.arm.name, "files": [f.name for f in ac.files],
                      "eval_max_articles": ac.cfg.eval.max_articles, "eval_boundary": ac.cfg.eval.boundary,
                      "eval_streams": ac.cfg.eval.batch_size, "checkpoint": str(self.checkpoint_for(ac))}
-            if self.exp.learner:
+            if self.learner:
                 found, run_dir, _ = self.meta_run(ac)
                 entry["meta_run"] = str(run_dir)
                 if found:
                     entry["meta_progress"] = found.progress
             arms.append(entry)
         found, base_dir, _ = self.base_run()
+        # the modes the arms' evaluations hold: this run's, and those kept from an earlier one
+        held = {m for ac in self.configs.arms
+                for m in ((_read_json(self.eval_dir(ac) / "summary.json") or {}).get("modes") or {})}
+        present = [m for m in self.all_modes if m in held or m in self.exp.modes]
         _write_json(self.exp_dir / "experiment.json", {
             "experiment": self.exp.name, "title": self.exp.title, "scale": self.scale, "corpus": CORPUS[self.scale],
-            "command": self.command, "updated": _now(), "commit": self.commit, "modes": list(self.exp.modes),
-            "modes_left_out": [m for m in EXPERIMENTS[self.exp.name].modes if m not in self.exp.modes]
-            if self.exp.name in EXPERIMENTS else [],
+            "command": self.command, "updated": _now(), "commit": self.commit, "modes": present,
+            "modes_left_out": [m for m in self.all_modes if m not in present],
             "tuned": list(self.exp.tune), "tune_articles": self.configs.arms[0].cfg.tune.articles,
             "tune_skip_articles": self.configs.arms[0].cfg.tune.skip_articles,
             "data": describe_data(self.configs.static),
@@ -835,7 +874,7 @@ class ExperimentRunner:
         vocab = static.data.sp_vocab_size if static.data.tokenizer == "sentencepiece" else WORD_VOCAB[self.scale]
         costs = [static_training_cost(static, vocab)]
         seen = set()
-        for ac in self.configs.arms if self.exp.learner else ():
+        for ac in self.configs.arms if self.learner else ():
             cost = meta_training_cost(ac.cfg, vocab)
             if cost["stage"] not in seen:
                 seen.add(cost["stage"])
@@ -872,9 +911,9 @@ PUBLISHED_WT2 = (  # published WikiText-2 perplexities of much larger models: re
     ("meta-learned dynamical LM, ACL 2018 version (Wolf, Chaumond & Delangue, \"Continuous Learning in a "
      "Hierarchical Multiscale Neural Network\")", "", "46.9"),
 )
-MODE_ORDER = ("static", "sgd", "dyneval", "dyneval@lstm", "adam", "cache", "learned",
+MODE_ORDER = ("static", "sgd", "dyneval", "dyneval@lstm", "adam", "adam@all", "cache", "learned",
               "learned@all")  # the overview's columns
-COMPARISON_ORDER = ("static", "sgd", "dyneval", "dyneval@lstm", "adam", "learned", "learned@all", "cache",
+COMPARISON_ORDER = ("static", "sgd", "dyneval", "dyneval@lstm", "adam", "adam@all", "learned", "learned@all", "cache",
                     "sgd+cache", "dyneval+cache", "adam+cache", "learned+cache", "learned@all+cache")
 # the comparison table's columns: per protocol, the experiments scoring one base model on the same articles
 PROTOCOL_EXPERIMENTS = (("article", ("2-level", "2-level-all")), ("krause", ("krause",)))
@@ -941,7 +980,7 @@ def protocol_summary(records: list[dict], scale: str, experiments: tuple[str, ..
     found = [s for s in (_summary(records, scale, e) for e in experiments) if s and s.get("modes")]
     if not found:
         return None
-    first, modes = found[0], dict(found[0]["modes"])
+    first, modes, settings = found[0], dict(found[0]["modes"]), dict(found[0].get("settings") or {})
 
     def same_text(s: dict) -> bool:
         a, b = first["modes"].get("static"), s["modes"].get("static")
@@ -950,7 +989,8 @@ def protocol_summary(records: list[dict], scale: str, experiments: tuple[str, ..
     for s in found[1:]:
         if same_text(s):
             modes.update({m: v for m, v in s["modes"].items() if m not in modes})
-    return {**first, "modes": modes}
+            settings.update({m: v for m, v in (s.get("settings") or {}).items() if m not in settings})
+    return {**first, "modes": modes, "settings": settings}
 
 
 def comparison_table(records: list[dict], scale: str) -> str:
@@ -1007,7 +1047,8 @@ def goal_note(records: list[dict], scale: str) -> str:
                 + (f"wins by {gap:.2f} ppl" if gap > 0 else f"loses by {-gap:.2f} ppl"))
     parts = [cmp("learned", d) for d in ("dyneval@lstm", "dyneval", "adam") if d in m]
     # like for like: each learned rule against dyneval of the same weights (LSTM: dyneval@lstm, all: dyneval)
-    parts += [cmp(a, b) for a, b in (("learned@all", "dyneval"), ("learned+cache", "dyneval+cache"),
+    parts += [cmp(a, b) for a, b in (("learned@all", "dyneval"), ("learned@all", "adam@all"),
+                                     ("learned+cache", "dyneval+cache"),
                                      ("learned@all+cache", "dyneval+cache")) if a in m and b in m]
     best = min(m, key=lambda k: _ppl(m[k]))
     left_out = [mode for e in dict(PROTOCOL_EXPERIMENTS)["article"]
@@ -1062,6 +1103,18 @@ def tune_edges(r: dict, protocol: str | None) -> dict[str, list[str]]:
     return {m: records[m]["on_edge"] for m in r["tuned"] if records.get(m, {}).get("on_edge")}
 
 
+def kept_clause(rec: dict) -> str:
+    """'; MODES kept from the evaluation at commit C on T by `CMD`' for the modes an evaluation record
+    kept from earlier runs (its `scored_by`), grouped by the run that scored them."""
+    groups: dict[tuple, list[str]] = {}
+    for m, by in (rec.get("scored_by") or {}).items():
+        run = (by.get("commit"), by.get("finished"), by.get("command"))
+        if run != (rec.get("commit"), rec.get("finished"), rec.get("command")):
+            groups.setdefault(run, []).append(m)
+    return "".join(f"; {', '.join(ms)} kept from the evaluation at commit `{c or '?'}` on {t or '?'} by `{cmd or '?'}`"
+                   for (c, t, cmd), ms in groups.items())
+
+
 def experiment_section(r: dict) -> str:
     lines = [f"### {r['experiment']}: {r['title']}", ""]
     tune = f" Tuned modes ({', '.join(r['tuned'])}) {tuning_articles(r)}." if r.get("tuned") else ""
@@ -1103,7 +1156,8 @@ def experiment_section(r: dict) -> str:
             subset += f", read continuously as {streams} stream{'s' * (streams != 1)}"
         meta = f"; meta-training {arm['meta_progress']} (`{arm['meta_run']}`)" if arm.get("meta_progress") else ""
         produced.append(f"- {arm['name']}: {subset}{meta}{tuned}; evaluated at commit `{rec.get('commit', '?')}`"
-                        f" on {rec.get('finished', '?')} by `{rec.get('command', r['command'])}`")
+                        f" on {rec.get('finished', '?')} by `{rec.get('command', r['command'])}`"
+                        + kept_clause(rec))
     lines += ["", *produced]
     if r.get("modes_left_out"):
         lines += ["", f"Not run in this record (`--modes`): {', '.join(r['modes_left_out'])}."]

@@ -85,10 +85,13 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
                tune=(*BASELINES[:3], "learned+cache", *BASELINES[3:]),
                files=SUITE_EVAL),
     # the learned rule on the weights faithful dyneval adapts (embeddings, LSTM and softmax per stream),
-    # on the base and articles of 2-level: its dyneval is the same-weights baseline (tuned there)
+    # on the base and articles of 2-level: its dyneval is the same-weights baseline (tuned there), and
+    # adam@all the control for meta-learning (the learned rule's update family on the same weights,
+    # two values tuned, nothing meta-trained)
     Experiment("2-level-all", "LSTM + meta-learner rewriting every weight (embeddings, LSTM and softmax, "
-               "per stream, as Krause et al.'s dynamic evaluation does), `article` protocol",
-               ("static", "learned@all", "learned@all+cache"), tune=("learned@all+cache",),
+               "per stream, as Krause et al.'s dynamic evaluation does), against its update family with "
+               "tuned constant gates on the same weights (adam@all), `article` protocol",
+               ("static", "learned@all", "adam@all", "learned@all+cache"), tune=("adam@all", "learned@all+cache"),
                files={"cpu": (*SUITE_EVAL["cpu"], "learned_all.yaml"), "paper": ("learned_all.yaml",)}),
     Experiment("krause", "the learned rule, meta-trained for it, and every baseline under Krause et al.'s own "
                "protocol (the `krause` protocol: one stream through the articles, never reset, segments of 5 "

@@ -19,7 +19,7 @@ from .data.errors import DataError
 from .data.sources import load_articles
 from .data.tokenizers import load_tokenizer
 from .device import resolve_device
-from .evaluate import TokenScores, markdown_table, score, write_results
+from .evaluate import TokenScores, markdown_table, read_scores, score, write_results
 from .model import LSTMLM
 from .report import log_report, render_report
 from .rules import adapted_names, compute_grad_rms, make_rule
@@ -248,10 +248,25 @@ def unknown_note(unknown: dict, tok, source: str) -> str:
     return note
 
 
+def read_earlier(out: Path, modes: list[str], articles) -> dict[str, dict]:
+    """For each of `modes`: its scores in the evaluation already in `out`, the values it ran with and
+    who scored it (that evaluation's code version and finish time, or what it says it kept)."""
+    if not modes:
+        return {}
+    summary = json.loads((out / "summary.json").read_text())
+    scores = read_scores(out, modes, articles)
+    source = f"code {summary.get('code', '?')}, finished {summary.get('finished', '?')}"
+    return {m: {"scores": scores[m], "settings": (summary.get("settings") or {}).get(m, {}),
+                "scored_by": (summary.get("scored_by") or {}).get(m, "this evaluation").replace("this evaluation", source)}
+            for m in modes}
+
+
 def evaluate_checkpoint(ck: dict, ckpt_path: Path, cfg: Config, split: str, modes: list[str], out: Path,
-                        tuned: dict | None = None) -> dict:
+                        tuned: dict | None = None, keep: list[str] = ()) -> dict:
     """tuned: the tuned values per mode this evaluation runs with (see mode_settings; recorded in
-    summary.json)."""
+    summary.json). keep: modes (of `modes`) whose scores, values and provenance are taken from the
+    evaluation already in `out` instead of being computed again (the experiment runner's choice: it
+    checks that they ran with the settings and tuned values these would run with)."""
     check_model_matches(ck, cfg, ckpt_path)
     parsed = check_modes(modes, cfg)
     if not any(m.name == "static" for m in parsed):  # every change is measured against the static model
@@ -271,12 +286,17 @@ def evaluate_checkpoint(ck: dict, ckpt_path: Path, cfg: Config, split: str, mode
     if any(m.rule == "learned" for m in parsed) and "learner" not in ck:
         raise ConfigError(f"{ckpt_path}: mode 'learned' needs a checkpoint written by `dynlm metatrain`")
     runs = {m.name: (m, *mode_settings(m, cfg, tuned)) for m in parsed}
-    print_settings({name: values for name, (_, _, values) in runs.items()}, cfg, tuned)
+    earlier = read_earlier(out, [m.name for m in parsed if m.name in keep], articles)
+    print_settings({name: values for name, (_, _, values) in runs.items() if name not in earlier}, cfg, tuned)
     ms = (grad_rms_for(run_dir_of(ckpt_path), lm, params, cfg, tok, device, model_training_data(ck, cfg))
-          if any(m.rule == "dyneval" for m in parsed) else None)
+          if any(m.rule == "dyneval" and m.name not in earlier for m in parsed) else None)
     done = ModeScoresCache(out / ".modes", params, ck.get("learner"), split)
     results = {}
     for name, (m, mode_cfg, _) in runs.items():  # each mode kept as it finishes: an interrupted run resumes
+        if name in earlier:
+            results[name] = earlier[name]["scores"]
+            print(f"{name}: scores of the earlier evaluation in {out} kept ({earlier[name]['scored_by']})")
+            continue
         results[name] = done.load(m, mode_cfg)
         if results[name] is None:
             results[name] = score_mode(m, lm, params, articles, mode_cfg, device, tok.eos_id, ms=ms,
@@ -288,8 +308,12 @@ def evaluate_checkpoint(ck: dict, ckpt_path: Path, cfg: Config, split: str, mode
     extra = {"protocol": protocol_of(cfg.eval), "checkpoint": str(ckpt_path), "split": split, **unknown,
              "eval": to_dict(cfg.eval), "code": code_digest()[:12],
              "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-             "settings": {name: {k: {"value": v, "source": src} for k, (v, src) in values.items()}
-                          for name, (_, _, values) in runs.items()}}
+             "settings": {name: earlier[name]["settings"] if name in earlier else
+                          {k: {"value": v, "source": src} for k, (v, src) in values.items()}
+                          for name, (_, _, values) in runs.items()},
+             # who scored each mode: this run, or the earlier evaluation a mode was kept from
+             "scored_by": {name: earlier[name]["scored_by"] if name in earlier else "this evaluation"
+                           for name in runs}}
     if tuned:
         extra["tuned"] = tuned
     summary = write_results(out, results, articles, per_word=cfg.data.tokenizer != "word", tokenizer=tok,

@@ -221,7 +221,7 @@ def _chunk_step(lm, params, theta0, rule, reader, chunk, meta, second_order, inn
     lazy = None
     if not meta and rule.sparse_rows and "embed" in reader.fast and lm.adaptive:
         lazy = LazyRows(rule, "embed", reader.fast["embed"], theta0, reader.rule_state, chunk.inputs)
-        reader, theta0 = Reader(reader.hidden, {**reader.fast, "embed": lazy.block}, reader.rule_state), lazy.theta0
+        reader, theta0 = Reader(reader.hidden, {**reader.fast, "embed": lazy.block}, lazy.state), lazy.theta0
     # -- end sparse rows
     if not meta or any(not v.requires_grad for v in reader.fast.values()):
         # evaluation, or just after truncation: the weights are constants we differentiate at

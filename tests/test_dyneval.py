@@ -18,6 +18,7 @@ from dynlm.data.streams import StreamLayout
 from dynlm.evaluate import score
 from dynlm.model import LSTMLM
 from dynlm.rules import DynEvalRule, SGDRule, compute_grad_rms
+from dynlm.rules.adam import AdamDecayRule
 from dynlm.rules.base import LazyRows
 
 V, EOS, SEG = 40, 0, 5
@@ -198,14 +199,19 @@ def _dyneval(p, lamb=0.3):
     return DynEvalRule(ms, lr=0.01, lamb=lamb, eps=2e-5)
 
 
-@pytest.mark.parametrize("rule_name", ["dyneval", "sgd"])
+RULES = {"dyneval": _dyneval, "sgd": lambda p: SGDRule(0.5),
+         # its second moment decays lazily with the rows (Rule.row_state_keys)
+         "adam": lambda p: AdamDecayRule(lr=0.02, decay=0.2, max_step=3.0)}
+
+
+@pytest.mark.parametrize("rule_name", list(RULES))
 @pytest.mark.parametrize("batch, boundary", [(1, "continuous"), (3, "reset")])
 def test_sparse_row_update_equals_the_dense_update(rule_name, batch, boundary, lazy_calls):
     lm, p = tiny("adaptive")
     test = articles([37, 61, 23, 80, 45], seed=4)  # B = 3 with resets: streams read 2, 2 and 1 articles
 
     def run(sparse: bool):
-        rule = _dyneval(p) if rule_name == "dyneval" else SGDRule(0.5)
+        rule = RULES[rule_name](p)
         rule.sparse_rows = sparse
         return score(lm, p, test, eos_id=EOS, segment_length=SEG, batch_size=batch, boundary=boundary,
                      rule=rule, names=list(p))

@@ -304,6 +304,27 @@ def test_an_experiment_can_run_a_subset_of_its_modes_and_says_so(tmp_path, capsy
     assert main(["experiment", "krause", "--modes", "adam@all", *args]) == 2
     assert "not modes of experiment 'krause'" in capsys.readouterr().err
 
+    # a later run of other modes scores only those and keeps the columns already there, as they were
+    eval_dir = tmp_path / "runs" / "experiments" / "cpu" / "krause" / "main" / "eval_valid"
+    before = pq.read_table(eval_dir / "tokens.parquet")
+    assert main(["experiment", "krause", "--modes", "sgd", "--dry-run", *args]) == 0
+    assert "evaluate sgd of" in capsys.readouterr().out  # the plan: only the new mode is scored
+    assert main(["experiment", "krause", "--modes", "sgd", *args]) == 0
+    after = pq.read_table(eval_dir / "tokens.parquet")
+    for mode in ("static", "dyneval", "cache"):
+        assert after.column(f"nll_{mode}").equals(before.column(f"nll_{mode}")), mode
+    summary = json.loads((eval_dir / "summary.json").read_text())
+    assert list(summary["modes"]) == ["static", "dyneval", "cache", "sgd"]  # the experiment's order
+    assert summary["scored_by"]["sgd"] == "this evaluation" and "finished" in summary["scored_by"]["dyneval"]
+    record = json.loads((eval_dir / "runner.json").read_text())
+    assert "--modes dyneval,cache " in record["scored_by"]["dyneval"]["command"]
+    assert "--modes sgd " in record["scored_by"]["sgd"]["command"]
+    results = (tmp_path / "RESULTS.md").read_text()
+    assert "static, dyneval, cache kept from the evaluation at commit" in results
+    assert "Not run in this record (`--modes`): learned, dyneval@lstm, learned+cache," in results  # sgd is in
+    assert main(["experiment", "krause", "--modes", "dyneval,sgd", "--dry-run", *args]) == 0
+    assert "done:" in capsys.readouterr().out.split("evaluate ")[-1]  # nothing left to score
+
 
 def test_a_subset_of_modes_keeps_the_experiments_protocol_and_tunes_parents_first(tmp_path):
     from dynlm.experiments import only_modes

@@ -7,17 +7,22 @@ per stream, with v Adam's running second moment of the gradient (rules/learned.p
 1 - decay, input step lr everywhere); tuned by the same grid search as sgd and dyneval, it tells
 the gain of meta-learning the gates apart from the gain of an Adam-normalised step with a pull
 towards theta0.
+
+An input-only embedding is updated sparsely in evaluation (sparse_rows, see base.LazyRows): a row
+that gets no gradient for n updates takes no step (g = 0), so it decays in closed form,
+theta0 + (1 - decay)^n (theta - theta0), and so does its second moment, BETA2^n v.
 """
 from __future__ import annotations
 
 import torch
 
-from .base import Rule
-from .learned import preconditioned_step
+from .base import LazyRows, Rule
+from .learned import BETA2, preconditioned_step
 
 
 class AdamDecayRule(Rule):
     name = "adam"
+    sparse_rows = True
 
     def __init__(self, lr: float, decay: float, max_step: float):
         super().__init__()
@@ -29,11 +34,21 @@ class AdamDecayRule(Rule):
         state = {f"v.{k}": torch.zeros_like(w) for k, w in fast.items()}
         first = next(iter(fast.values()))
         state["t"] = first.new_zeros(first.shape[0])  # (B,) updates so far
-        return state
+        return {**state, **LazyRows.init_state(fast)}  # the sparse path's counters (unused on the dense path)
 
-    def update(self, fast, grads, theta0, state, loss):
+    def row_state_keys(self, name):
+        return (f"v.{name}",)
+
+    def decay_rows(self, name, w, theta0, rows, n):
+        keep = (1 - self.decay) ** n.to(w.dtype)  # (B, R)
+        return torch.lerp(theta0, w, keep.view(*n.shape, *[1] * (w.dim() - n.dim())))
+
+    def decay_state_rows(self, key, s, n):
+        return s * (BETA2 ** n.to(s.dtype)).view(*n.shape, *[1] * (s.dim() - n.dim()))
+
+    def update(self, fast, grads, theta0, state, loss, rows=None):
         t = state["t"] + 1  # (B,)
-        new, new_state = {}, {"t": t}
+        new, new_state = {}, {**state, "t": t}  # (the sparse path's counters pass through)
         for k, w in fast.items():
             B = w.shape[0]
             step, v = preconditioned_step(grads[k].reshape(B, -1), state[f"v.{k}"].reshape(B, -1), t, self.max_step)

@@ -44,6 +44,16 @@ class Rule(nn.Module):
         updates with a zero gradient; theta0 (R, ...) the same rows of theta0. Default: unchanged."""
         return w
 
+    def row_state_keys(self, name: str) -> tuple[str, ...]:
+        """Keys of the rule state that hold a value per coordinate of fast weight `name` (its shape,
+        B first): LazyRows gathers, brings up to date (`decay_state_rows`) and writes back their rows
+        with the weight's. Default: none."""
+        return ()
+
+    def decay_state_rows(self, key: str, s: Tensor, n: Tensor) -> Tensor:
+        """Rows (B, R, ...) of rule state `key` after n (B, R) more updates with a zero gradient."""
+        return s
+
     def materialise(self, fast: Params, theta0: Params, state: RuleState) -> tuple[Params, RuleState]:
         """The fast weights with every update that LazyRows held back applied: call before reading a
         lazily updated weight whole (e.g. the weight drift). Evaluation only: writes in place."""
@@ -83,6 +93,9 @@ class LazyRows:
     ids, lets the rule update the block like any other weight, and writes it back; the other rows
     wait, and the cost follows the tokens read, not the vocabulary. The result is the dense update's.
 
+    Per-coordinate rule state (Adam's second moment, `Rule.row_state_keys`) goes the same way: its
+    rows are gathered with the weight's, brought up to date (`Rule.decay_state_rows`) and written back.
+
     Bookkeeping (in the rule state, only for rules that decay, see `init_state`): `lazy.step` (B,),
     the updates each stream has made since it started, and `lazy.last.<name>` (B, V), the update
     count each row of each stream is up to date with; a row read (or materialised) after missing
@@ -98,12 +111,17 @@ class LazyRows:
         rows0 = theta0[name][self.rows]  # (R, E)
         self.theta0 = {**theta0, name: rows0}
         block = w[:, self.rows]  # (B, R, E), a copy
+        self.state_keys = rule.row_state_keys(name)
+        self.full_state = {k: state[k] for k in self.state_keys}  # (B, V, E) each, written back in place
+        blocks = {k: s[:, self.rows] for k, s in self.full_state.items()}  # (B, R, E) each, copies
         last = state.get(self.last_key(name))
         if last is not None:
             n = state[self.STEP].unsqueeze(1) - last[:, self.rows]  # (B, R) updates these rows missed
             if bool(n.any()):
                 block = rule.decay_rows(name, block, rows0, self.rows, n)
+                blocks = {k: rule.decay_state_rows(k, s, n) for k, s in blocks.items()}
         self.block = block
+        self.state = {**state, **blocks}  # the rule state the update sees: row blocks for the row state
 
     @staticmethod
     def last_key(name: str) -> str:
@@ -129,6 +147,9 @@ class LazyRows:
         # made it; only this reader holds it), which the returned reader goes on holding.
         self.w.index_copy_(1, self.rows, fast[self.name].detach())
         fast = {**fast, self.name: self.w}
+        for k, full in self.full_state.items():
+            full.index_copy_(1, self.rows, state[k].detach())
+        state = {**state, **self.full_state}
         key = self.last_key(self.name)
         if key in state:
             step = state[self.STEP] + active.long()  # (B,) padding rows make no update
@@ -151,5 +172,7 @@ class LazyRows:
             if len(rows):
                 w = fast[name]
                 w.index_copy_(1, rows, rule.decay_rows(name, w[:, rows], theta0[name][rows], rows, n[:, rows]))
+                for k in rule.row_state_keys(name):
+                    state[k].index_copy_(1, rows, rule.decay_state_rows(k, state[k][:, rows], n[:, rows]))
                 state = {**state, key: torch.where(last > 0, step, last)}  # rows never written stay at 0
         return fast, state
