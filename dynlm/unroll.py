@@ -18,6 +18,8 @@ meta-loss term, while no gradient crosses the truncation.
 """
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Iterable
@@ -246,8 +248,11 @@ def _chunk_step(lm, params, theta0, rule, reader, chunk, meta, second_order, inn
             loss = loss.detach()
         else:
             grads, loss = inner
-    fast, rule_state, stats = rule.update(reader.fast, grads, theta0, reader.rule_state, loss,
-                                          **({} if lazy is None else {"rows": {"embed": lazy.rows}}))
+    # evaluation: the update is not differentiated (the fast weights are leaves that require grad, and a
+    # learner's parameters do): without no_grad every op of it would record a graph and keep its tensors
+    with contextlib.nullcontext() if meta else torch.no_grad():
+        fast, rule_state, stats = rule.update(reader.fast, grads, theta0, reader.rule_state, loss,
+                                              **({} if lazy is None else {"rows": {"embed": lazy.rows}}))
     active = chunk.mask.any(1)  # (B,)
     if not bool(active.all()):  # padding rows (streams that have run out) must not move
         fast = {k: torch.where(active.view(-1, *([1] * (w.dim() - 1))), w, reader.fast[k]) for k, w in fast.items()}
