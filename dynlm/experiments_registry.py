@@ -92,7 +92,7 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
                "per stream, as Krause et al.'s dynamic evaluation does), against its update family with "
                "tuned constant gates on the same weights (adam@all), `article` protocol",
                ("static", "learned@all", "adam@all", "learned@all+cache"), tune=("adam@all", "learned@all+cache"),
-               files={"cpu": (*SUITE_EVAL["cpu"], "learned_all.yaml"), "paper": ("learned_all.yaml",)}),
+               files={"cpu": (*SUITE_EVAL["cpu"], "learned_all.yaml", "wt2_cpu_all_tune.yaml"), "paper": ("learned_all.yaml",)}),
     Experiment("krause", "the learned rule, meta-trained for it, and every baseline under Krause et al.'s own "
                "protocol (the `krause` protocol: one stream through the articles, never reset, segments of 5 "
                "tokens), tuned on other validation text",

@@ -255,7 +255,14 @@ def _chunk_step(lm, params, theta0, rule, reader, chunk, meta, second_order, inn
                                               **({} if lazy is None else {"rows": {"embed": lazy.rows}}))
     active = chunk.mask.any(1)  # (B,)
     if not bool(active.all()):  # padding rows (streams that have run out) must not move
-        fast = {k: torch.where(active.view(-1, *([1] * (w.dim() - 1))), w, reader.fast[k]) for k, w in fast.items()}
+        if meta:
+            fast = {k: torch.where(active.view(-1, *([1] * (w.dim() - 1))), w, reader.fast[k]) for k, w in fast.items()}
+        else:  # the update's own new tensors (made under no_grad): written in place, not copied whole
+            idle = (~active).nonzero().squeeze(1)
+            with torch.no_grad():
+                for k, w in fast.items():
+                    if w is not reader.fast[k]:
+                        w.index_copy_(0, idle, reader.fast[k].index_select(0, idle))
     if lazy is not None:  # the block back into the whole embedding (sparse rows)
         fast, rule_state = lazy.write_back(fast, rule_state, active)
     new = Reader(hidden, fast, rule_state)

@@ -7,6 +7,7 @@ from dynlm.data.streams import Chunk
 from dynlm.model import LSTMLM
 from dynlm.rules import DynEvalRule, LearnedRule, SGDRule, make_rule
 from dynlm.rules.base import Rule
+from dynlm.rules.learned import preconditioned_step
 from dynlm.unroll import chunk_step, start_reader
 
 
@@ -287,8 +288,12 @@ def test_adam_control_is_the_learned_family_with_constant_gates():
     for t in range(1, 4):
         g = torch.randn(2, 4, 3, dtype=torch.float64)
         fast, state, _ = rule.update(fast, {"w": g}, theta0, state, torch.zeros(2))
-        v = 0.99 * v + 0.01 * g * g
+        v_before, v = v, 0.99 * v + 0.01 * g * g
         step = (g / torch.sqrt(v / (1 - 0.99 ** t) + 1e-16)).clamp(-3, 3)
+        # the learned rule's step, from the same inputs: the control is its family
+        learned_step, _ = preconditioned_step(g.reshape(2, -1), v_before.reshape(2, -1),
+                                              torch.full((2,), float(t), dtype=torch.float64), 3.0)
+        torch.testing.assert_close(learned_step.view_as(step), step, rtol=1e-12, atol=1e-14)
         w = theta0["w"] + 0.9 * (w - theta0["w"]) - 0.01 * step
         assert torch.allclose(fast["w"], w, rtol=1e-12, atol=1e-14)
     assert not torch.allclose(fast["w"][0], fast["w"][1])  # each stream its own statistics

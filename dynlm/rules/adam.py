@@ -2,8 +2,8 @@
 
     theta' = theta0 + (1 - decay) * (theta - theta0) - lr * clip(g / sqrt(v)),
 
-per stream, with v Adam's running second moment of the gradient (rules/learned.py,
-`preconditioned_step`). It is what the learned rule computes with constant gates (forget gate
+per stream, with v Adam's running second moment of the gradient (the arithmetic of rules/learned.py's
+`preconditioned_step`; a test checks that they agree). It is what the learned rule computes with constant gates (forget gate
 1 - decay, input step lr everywhere); tuned by the same grid search as sgd and dyneval, it tells
 the gain of meta-learning the gates apart from the gain of an Adam-normalised step with a pull
 towards theta0.
@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from .base import LazyRows, Rule
-from .learned import BETA2, preconditioned_step
+from .learned import BETA2, EPS
 
 
 class AdamDecayRule(Rule):
@@ -49,10 +49,15 @@ class AdamDecayRule(Rule):
     def update(self, fast, grads, theta0, state, loss, rows=None):
         t = state["t"] + 1  # (B,)
         new, new_state = {}, {**state, "t": t}  # (the sparse path's counters pass through)
+        debias = (1 - BETA2 ** t).unsqueeze(1)  # (B, 1)
         for k, w in fast.items():
             B = w.shape[0]
-            step, v = preconditioned_step(grads[k].reshape(B, -1), state[f"v.{k}"].reshape(B, -1), t, self.max_step)
-            drift = w - theta0[k]  # (B, ...)
-            new[k] = theta0[k] + (1 - self.decay) * drift - self.lr * step.view_as(w)
+            g = grads[k].reshape(B, -1)  # (B, n)
+            # preconditioned_step's arithmetic, in place on this update's own temporaries: three tensors
+            # the size of the weights are allocated instead of eleven (3x faster on 16 streams x 4.5M)
+            v = g.square().lerp_(state[f"v.{k}"].reshape(B, -1), BETA2)  # BETA2 v + (1 - BETA2) g^2
+            step = v.div(debias).add_(EPS ** 2).rsqrt_().mul_(g).clamp_(-self.max_step, self.max_step)
+            # theta0 + (1 - decay) (w - theta0) - lr * step
+            new[k] = torch.lerp(w, theta0[k], self.decay).sub_(step.view_as(w), alpha=self.lr)
             new_state[f"v.{k}"] = v.view_as(w)
         return new, new_state, {}
