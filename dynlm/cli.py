@@ -220,7 +220,7 @@ def cmd_demo(args, extra):
     from .demo import run_demo
     cfg = _config(args, extra, presets=[PRESETS / "demo.yaml"])
     run_demo(cfg, Path(cfg.log.out_dir))
-    from .experiments_registry import EXPERIMENTS_DIR
+    from .experiments.registry import EXPERIMENTS_DIR
     say_next(("dynlm experiment 2-level --dry-run", "the same pipeline on WikiText-2 (plans it; README: Results)"),
              (f"dynlm train --config {_q(_shown(EXPERIMENTS_DIR / 'wt2_cpu_static.yaml'))} --out runs/wt2",
               "or a static model of your own (docs/usage.md: Score your own text)"))
@@ -244,12 +244,12 @@ def cmd_config(args, extra):
 
 
 def cmd_experiment(args, extra):
-    from .experiments import run_experiments
+    from .experiments.runner import run_experiments
     check_overrides(extra)
     if args.estimate and (args.estimate_tflops <= 0 or args.estimate_bandwidth <= 0):
         raise ConfigError(f"--estimate-tflops and --estimate-bandwidth must be > 0, got {args.estimate_tflops:g} "
                           f"and {args.estimate_bandwidth:g}")
-    from .experiments import generated_files
+    from .experiments.runner import generated_files
     results_file, readme = generated_files(Path(args.runs), args.results_file, args.readme)
     rc = run_experiments(args.name, args.scale, extra, data_dir=args.data_dir, dry_run=args.dry_run,
                          results_only=args.results, runs=Path(args.runs), results_file=results_file, readme=readme,
@@ -383,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report, out=None)
     p.epilog = "Report settings are overridden with --report.key=value, e.g. --report.bin_width=100."
 
-    from .experiments_registry import EXPERIMENTS, SCALES
+    from .experiments.registry import EXPERIMENTS, SCALES
     p = _add(sub, "experiment", "run one of the paper's experiments end to end (prepare, train, metatrain, tune, "
                                 "evaluate, report), reusing every stage already done")
     p.add_argument("name", nargs="?", help=f"{', '.join(EXPERIMENTS)}, or all")

@@ -17,9 +17,10 @@ from dynlm.cli import main
 from dynlm.config import load_config
 from dynlm.data.articles import Article
 from dynlm.data.streams import StreamLayout
-from dynlm.experiments import README_BEGIN, README_END, experiment_configs
-from dynlm.experiments_registry import BASELINES, BASES, EXPERIMENTS, EXPERIMENTS_DIR, META_FILES, SCALES, at_scale
-from dynlm.experiments_registry import experiment_file
+from dynlm.experiments.configs import experiment_configs
+from dynlm.experiments.results import README_BEGIN, README_END
+from dynlm.experiments.registry import BASELINES, BASES, EXPERIMENTS, EXPERIMENTS_DIR, META_FILES, SCALES, at_scale
+from dynlm.experiments.registry import experiment_file
 from dynlm.model import LSTMLM
 from dynlm.modes import protocol_of
 from dynlm.rules import adapted_names, make_rule
@@ -263,7 +264,7 @@ def test_ablations_share_the_evaluation_of_their_common_arm(tmp_path, capsys):
 def test_results_say_how_many_streams_a_continuous_evaluation_read():
     """Continuous numbers depend on how many article boundaries each stream crosses: the section says
     how many streams read the articles (never more than there are articles); reset numbers do not."""
-    from dynlm.experiments import experiment_section
+    from dynlm.experiments.results import experiment_section
     summary = {"modes": {m: {"ppl": p, "n_tokens": 900, "n_articles": 3, "rel_change_vs_static": p / 100 - 1}
                          for m, p in (("static", 100.0), ("learned", 90.0))}}
     arm = {"summary": summary, "record": {"commit": "abc", "finished": "now", "command": "dynlm experiment x"},
@@ -279,7 +280,7 @@ def test_results_say_how_many_streams_a_continuous_evaluation_read():
 
 
 def test_a_redone_evaluation_says_how_far_it_moved_and_why_it_may_have():
-    from dynlm.experiments import compare_summaries
+    from dynlm.experiments.results import compare_summaries
     before = {"modes": {"static": {"ppl": 112.9231}, "learned": {"ppl": 97.3146}}}
     assert compare_summaries(before, before, (1, 1)).startswith("reproduced the previous perplexities exactly")
     moved = {"modes": {"static": {"ppl": 112.9231}, "learned": {"ppl": 97.3146 * (1 + 3e-9)}}}
@@ -327,7 +328,7 @@ def test_an_experiment_can_run_a_subset_of_its_modes_and_says_so(tmp_path, capsy
 
 
 def test_a_subset_of_modes_keeps_the_experiments_protocol_and_tunes_parents_first(tmp_path):
-    from dynlm.experiments import only_modes
+    from dynlm.experiments.runner import only_modes
     for modes in (["dyneval"], ["learned+cache"], ["cache", "adam"]):
         cfg = experiment_configs(only_modes(EXPERIMENTS["2-level"], modes), "cpu").arms[0].cfg
         assert protocol_of(cfg.eval) == "article", modes  # not the static base's own segment length
@@ -344,8 +345,8 @@ def test_a_subset_of_modes_keeps_the_experiments_protocol_and_tunes_parents_firs
 def test_experiment_rewrites_the_repositorys_files_only_from_its_root_or_when_asked(tmp_path, monkeypatch, capsys):
     """Issue 17: run from another directory with --runs, the plan rewrote the installed repository's
     README.md and experiments/RESULTS.md."""
-    from dynlm.experiments import generated_files
-    from dynlm.experiments_registry import README_FILE, REPO, RESULTS_FILE
+    from dynlm.experiments.runner import generated_files
+    from dynlm.experiments.registry import README_FILE, REPO, RESULTS_FILE
     monkeypatch.chdir(tmp_path)
     assert generated_files(Path("runs"), None, None) == (None, None)
     note = capsys.readouterr().out
@@ -380,7 +381,7 @@ def test_one_protocol_column_merges_experiments_that_scored_the_same_text():
     """2-level-all's learned@all joins 2-level's column (same static model, same articles) and the
     headline compares each learned rule with dyneval of the same weights; an experiment on other text
     (another static perplexity) is left out of the column rather than mixed in."""
-    from dynlm.experiments import comparison_table, goal_note
+    from dynlm.experiments.results import comparison_table, goal_note
 
     def record(name, modes, static=100.0, n_tokens=900):
         ms = {m: {"ppl": p, "n_tokens": n_tokens, "n_articles": 3, "rel_change_vs_static": p / static - 1}

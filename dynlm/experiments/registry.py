@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ConfigError
+from ..config import ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 EXPERIMENTS_DIR = REPO / "experiments"
 RESULTS_FILE = EXPERIMENTS_DIR / "RESULTS.md"
 README_FILE = REPO / "README.md"
@@ -21,7 +21,7 @@ SPLIT = "valid"  # every experiment reports validation perplexity; test stays un
 # family with hand-set values), the neural cache, and the cache on top of each dynamic method
 # (in the order they are tuned and evaluated: the most telling first, so that a stopped run has them)
 BASELINES = ("dyneval", "dyneval@lstm", "cache", "dyneval+cache", "adam", "sgd", "adam+cache", "sgd+cache")
-PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+PRESETS_DIR = Path(__file__).resolve().parents[1] / "presets"
 
 
 def experiment_file(name: str) -> Path:
