@@ -122,7 +122,7 @@ def cmd_train(args, extra):
 def cmd_metatrain(args, extra):
     from .train.meta import metatrain
     from .checkpoint import check_run_dir
-    from .run_eval import run_dir_of
+    from .evaluate import run_dir_of
     init = load_checkpoint(args.init) if args.init else None
     base = init["config"] if init else None
     if args.init and not args.out:  # its own directory beside the static run, never the static run's own
@@ -160,7 +160,7 @@ def _signal_exit_code(result: dict) -> int:
 
 
 def cmd_evaluate(args, extra):
-    from .run_eval import evaluate_checkpoint
+    from .evaluate import evaluate_checkpoint
     from .tune import explicit_rule_keys, tuned_in_effect, tuned_path
     ck = load_checkpoint(args.checkpoint)
     cfg = _config(args, extra, base=ck["config"], base_name=f"the config saved in {args.checkpoint}")
@@ -268,7 +268,7 @@ def cmd_experiment(args, extra):
 
 
 def cmd_bench(args, extra):
-    from .bench import run_bench
+    from .bench.run import run_bench
     cfg = _config(args, extra + ([f"--bench.device={args.device}"] if args.device else []))
     run_bench(cfg, Path(args.json_out))
     say_next((f"less {_q(args.json_out)}", "every measurement; docs/performance.md explains the ratios"))

@@ -8,7 +8,7 @@ from pathlib import Path
 from .checkpoint import load_checkpoint
 from .config import Config
 from .modes import parse_mode, tuned_keys
-from .run_eval import evaluate_checkpoint
+from .evaluate import evaluate_checkpoint
 from .train.meta import metatrain
 from .train.static import train_static
 from .tune import tune_checkpoint, tuned_in_effect, tuned_path

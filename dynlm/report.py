@@ -37,7 +37,7 @@ from matplotlib.ticker import MaxNLocator
 
 from .config import ReportConfig
 from .data.errors import DataError
-from .evaluate import perplexity
+from .prequential import perplexity
 from .textio import open_csv
 
 # One colour per adapting rule and the weights it rewrites, kept by name in every plot of every report

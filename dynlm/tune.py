@@ -34,12 +34,12 @@ from .config import Config, ConfigError, load_yaml, to_dict
 from .data.sources import load_articles
 from .textio import number, open_csv, read_json, write_json
 from .device import resolve_device
-from .evaluate import perplexity
+from .prequential import perplexity
 from .model import LSTMLM
 from .progress import progress
 from .modes import CACHE_KEYS, RULE_KEYS, Mode, parse_modes, protocol_of, protocol_slug, tuned_keys
 from .checkpoint import check_model_matches, load_checkpoint
-from .run_eval import (check_modes, grad_rms_for, model_training_data, params_fingerprint, run_dir_of, score_mode,
+from .evaluate import (check_modes, grad_rms_for, model_training_data, params_fingerprint, run_dir_of, score_mode,
                        tokenizer_for)
 from .tracking import Tracker
 
@@ -367,7 +367,7 @@ def explicit_rule_keys(files, overrides) -> set[str]:
 
 
 def tuned_in_effect(path: Path, ckpt_path: Path, cfg: Config, explicit=(), scored: tuple[int, int] | None = None) -> dict:
-    """What `evaluate` needs of RUN/tuned.yaml (see run_eval.mode_settings): the tuned values per mode,
+    """What `evaluate` needs of RUN/tuned.yaml (see evaluate.mode_settings): the tuned values per mode,
     the rule keys set explicitly (--rule.x=y, --config files), which win over the file, and where the
     values were tuned. scored (first, count) of the articles the evaluation scores: tuned on any of
     them is said as a warning (`overlap`)."""

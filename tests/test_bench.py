@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from dynlm.bench import TorchLSTMLM
+from dynlm.bench.reference import TorchLSTMLM
 from dynlm.cli import main
 from dynlm.config import ModelConfig
 from dynlm.model import LSTMLM
@@ -96,7 +96,7 @@ def test_bench_bad_config_exits_2(tmp_path, capsys):
 def test_checkpointing_makes_memory_grow_slower_with_the_unroll_length(tmp_path):
     """Peak memory of one meta-step (fresh processes, RSS following live tensors): checkpointed
     unrolls keep each chunk step's memorised state only, so they grow more slowly with K."""
-    from dynlm.bench import memory_probe
+    from dynlm.bench.memory import memory_probe
     from dynlm.config import load_config
     cfg = load_config([], ["model.emb_size=64", "model.hidden_size=128", "bench.vocab_size=2000",
                            "rule.compile=false", "eval.segment_length=35"])

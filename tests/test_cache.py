@@ -8,7 +8,7 @@ import torch
 from dynlm.cache import CacheSettings, cache_step, clear_rows, empty_cache
 from dynlm.config import ConfigError, ModelConfig
 from dynlm.data.articles import Article
-from dynlm.evaluate import score
+from dynlm.prequential import score
 from dynlm.model import LSTMLM
 
 EOS = 0

@@ -15,7 +15,7 @@ from torch import nn
 from dynlm.config import ModelConfig
 from dynlm.data.articles import Article
 from dynlm.data.streams import StreamLayout
-from dynlm.evaluate import score
+from dynlm.prequential import score
 from dynlm.model import LSTMLM
 from dynlm.rules import DynEvalRule, SGDRule, compute_grad_rms
 from dynlm.rules.adam import AdamDecayRule
@@ -285,20 +285,20 @@ def test_grad_rms_batch_statistic_is_the_gradient_of_the_batch_mean_loss():
 def test_grad_rms_for_computes_every_weight_once_under_a_key_of_what_it_depends_on(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from dynlm import run_eval
+    from dynlm import evaluate
     from dynlm.config import load_config
 
     lm, p = tiny("adaptive")
     train = articles([30, 17, 25, 40], seed=7)
-    monkeypatch.setattr(run_eval, "load_articles", lambda data, split, tok: train)
-    calls, real = [], run_eval.compute_grad_rms
-    monkeypatch.setattr(run_eval, "compute_grad_rms", lambda *a, **k: calls.append(k["stat"]) or real(*a, **k))
+    monkeypatch.setattr(evaluate, "load_articles", lambda data, split, tok: train)
+    calls, real = [], evaluate.compute_grad_rms
+    monkeypatch.setattr(evaluate, "compute_grad_rms", lambda *a, **k: calls.append(k["stat"]) or real(*a, **k))
     tok = SimpleNamespace(eos_id=EOS)
 
     def grad_rms(*overrides):
         cfg = load_config(overrides=["eval.segment_length=5", "eval.batch_size=2", "rule.grad_stat_streams=3",
                                      *overrides])
-        return run_eval.grad_rms_for(tmp_path, lm, p, cfg, tok, "cpu")
+        return evaluate.grad_rms_for(tmp_path, lm, p, cfg, tok, "cpu")
 
     ms = grad_rms("rule.dyneval_weights=lstm")
     assert set(ms) == set(p) and calls == ["batch"]  # every weight, even for dyneval on the LSTM alone

@@ -19,7 +19,7 @@ import dynlm.rules.learned as learned_module
 from dynlm.cache import CacheSettings
 from dynlm.config import ModelConfig, RuleConfig
 from dynlm.data.streams import StreamLayout
-from dynlm.evaluate import perplexity, score
+from dynlm.prequential import perplexity, score
 from dynlm.model import LSTMLM
 from dynlm.model.per_stream_lstm import PerStreamLSTM
 from dynlm.modes import parse_mode
@@ -57,7 +57,7 @@ RULES = RuleConfig(sgd_lr=0.05, dyneval_lr=3e-4, dyneval_lamb=0.02, adam_lr=3e-3
 
 
 def run_mode(mode: str, device, batch: int, boundary: str = "reset", bf16: bool = False, rule_cfg=RULES):
-    """Per-token NLLs of one mode on `device` (the evaluation's own path, evaluate.score)."""
+    """Per-token NLLs of one mode on `device` (the evaluation's own path, prequential.score)."""
     lm, p = tiny()
     p = {k: v.to(device) for k, v in p.items()}
     spec = parse_mode(mode)

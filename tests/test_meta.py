@@ -18,7 +18,7 @@ from dynlm.cli import main
 from dynlm.config import load_config
 from dynlm.data.sources import load_articles
 from dynlm.data.tokenizers import load_tokenizer
-from dynlm.evaluate import score
+from dynlm.prequential import score
 from dynlm.model import LSTMLM
 from dynlm.rules import make_rule
 from dynlm.train.loop import Callback, callbacks

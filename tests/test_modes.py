@@ -86,24 +86,24 @@ def test_evaluate_under_the_krause_protocol_says_so(trained, tmp_path, capsys):
 def test_an_interrupted_evaluation_resumes_with_the_modes_it_had_scored(trained, tmp_path, monkeypatch, capsys):
     """Each mode's scores are kept as it finishes (OUT/.modes); a rerun after a crash scores only the
     rest, gives the numbers an uninterrupted run gives, and leaves nothing behind."""
-    import dynlm.run_eval as run_eval
+    import dynlm.evaluate as evaluation
     run, cache = trained
     whole = evaluate(run, cache, tmp_path / "whole", "static,sgd,adam", "--rule.sgd_lr=0.05")["modes"]
-    real, calls = run_eval.score_mode, []
+    real, calls = evaluation.score_mode, []
 
     def crash_on_adam(mode, *a, **kw):
         calls.append(mode.name)
         if mode.name == "adam":
             raise RuntimeError("simulated crash")
         return real(mode, *a, **kw)
-    monkeypatch.setattr(run_eval, "score_mode", crash_on_adam)
+    monkeypatch.setattr(evaluation, "score_mode", crash_on_adam)
     out = tmp_path / "resumed"
     with pytest.raises(RuntimeError):
         main(["evaluate", "--checkpoint", str(run / "checkpoints" / "best.pt"), "--split", "valid", "--modes",
               "static,sgd,adam", "--out", str(out), f"--data.cache_dir={cache}", "--rule.grad_rms_chunks=3",
               "--rule.sgd_lr=0.05"])
     assert calls == ["static", "sgd", "adam"] and len(list((out / ".modes").glob("*.npz"))) == 2
-    monkeypatch.setattr(run_eval, "score_mode", real)
+    monkeypatch.setattr(evaluation, "score_mode", real)
     capsys.readouterr()
     resumed = evaluate(run, cache, out, "static,sgd,adam", "--rule.sgd_lr=0.05")["modes"]
     assert "sgd: scores of an earlier, interrupted run of this evaluation reused" in capsys.readouterr().out

@@ -271,7 +271,7 @@ def test_sentencepiece_pieces_read_as_prose_and_long_articles_are_cut(tmp_path):
 def test_a_diverged_mode_reports_infinite_perplexity_not_an_overflow(tmp_path):
     """A rule whose weights blew up (e.g. dyneval on all weights at too large a rate) scores NLLs
     whose exp overflows: perplexities are inf, and the report still renders."""
-    from dynlm.evaluate import perplexity
+    from dynlm.prequential import perplexity
     assert perplexity(2000.0, 2) == float("inf") and perplexity(10.0, 5) == pytest.approx(np.exp(2.0))
     d = tmp_path / "eval"
     cols = write_eval_dir(d, modes=("dyneval",))

@@ -69,7 +69,7 @@ def test_evaluate_outputs(trained, tmp_path, tiny_overrides):
 
 
 def test_relative_drift_on_a_hand_made_case():
-    from dynlm.evaluate import relative_drift
+    from dynlm.prequential import relative_drift
     theta0 = {"a": torch.tensor([3.0, 0.0]), "b": torch.tensor([4.0])}  # ||theta0|| = 5
     fast = {"a": torch.tensor([[3.0, 0.0], [3.0, 3.0]]), "b": torch.tensor([[4.0], [8.0]])}  # stream 1 moved by (0, 3, 4)
     torch.testing.assert_close(relative_drift(fast, theta0), torch.tensor([0.0, 1.0]))
@@ -177,7 +177,7 @@ def test_summary_json_is_strict_json_and_a_diverged_mode_is_null(tmp_path):
     import numpy as np
 
     from dynlm.data.articles import Article
-    from dynlm.evaluate import TokenScores, write_results
+    from dynlm.prequential import TokenScores, write_results
 
     arts = [Article("valid/0", "Café", np.array([2, 3, 1], dtype=np.int32), 3)]
     idx = dict(article=np.zeros(3, np.int64), position=np.arange(3), token=np.array([2, 3, 1]))

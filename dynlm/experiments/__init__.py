@@ -8,7 +8,7 @@ and a pipeline of stages, each run through the same function as its own CLI comm
     train      the static LM (the base model)              train.static.train_static
     metatrain  the learned rule, one run per arm           train.meta.metatrain
     tune       the compared baselines, on the base weights tune.tune_checkpoint
-    evaluate   every mode per article on valid, per arm    run_eval.evaluate_checkpoint
+    evaluate   every mode per article on valid, per arm    evaluate.evaluate_checkpoint
     report     RUNS/experiments/SCALE/NAME/experiment.json, experiments/RESULTS.md, README's table
 
 Stages are keyed by what they compute, not by the experiment that asks for them: a static run is

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..checkpoint import flatten_config, load_checkpoint
 from ..config import Config, ConfigError, load_config, to_dict
-from ..run_eval import check_modes, params_fingerprint
+from ..evaluate import check_modes, params_fingerprint
 from ..textio import dumps, read_json
 from ..train.meta import check_meta_config
 from ..train.static import check_train_config

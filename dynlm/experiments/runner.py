@@ -20,7 +20,7 @@ from ..checkpoint import load_checkpoint
 from ..config import Config, ConfigError, save_config, to_dict
 from ..data.errors import DataError
 from ..data.wikitext import wikitext_files
-from ..run_eval import evaluate_checkpoint
+from ..evaluate import evaluate_checkpoint
 from ..gitinfo import git_state
 from ..report import render_report
 from ..signals import signal_exit_code

@@ -22,7 +22,7 @@ from ..checkpoint import CheckpointError, check_model_matches, load_checkpoint
 from ..config import Config, ConfigError, check_rule_layers
 from ..data.streams import StreamLayout
 from ..data.tokenizers import load_tokenizer
-from ..evaluate import perplexity, score
+from ..prequential import perplexity, score
 from ..model import LSTMLM
 from ..progress import interactive
 from ..rules import adapted_names, compute_grad_rms, learner_parameters, make_rule, with_consolidation

@@ -20,7 +20,7 @@ from .. import distributed as D
 from ..config import Config, ConfigError
 from ..data.streams import StreamLayout
 from ..device import autocast
-from ..evaluate import perplexity, score
+from ..prequential import perplexity, score
 from ..model import LSTMLM
 from ..progress import interactive
 from ..unroll import as_dtype, reset_rows
