@@ -244,12 +244,12 @@ def cmd_config(args, extra):
 
 
 def cmd_experiment(args, extra):
-    from .experiments.runner import run_experiments
+    from .experiments.command import run_experiments
     check_overrides(extra)
     if args.estimate and (args.estimate_tflops <= 0 or args.estimate_bandwidth <= 0):
         raise ConfigError(f"--estimate-tflops and --estimate-bandwidth must be > 0, got {args.estimate_tflops:g} "
                           f"and {args.estimate_bandwidth:g}")
-    from .experiments.runner import generated_files
+    from .experiments.command import generated_files
     results_file, readme = generated_files(Path(args.runs), args.results_file, args.readme)
     rc = run_experiments(args.name, args.scale, extra, data_dir=args.data_dir, dry_run=args.dry_run,
                          results_only=args.results, runs=Path(args.runs), results_file=results_file, readme=readme,

@@ -328,7 +328,7 @@ def test_an_experiment_can_run_a_subset_of_its_modes_and_says_so(tmp_path, capsy
 
 
 def test_a_subset_of_modes_keeps_the_experiments_protocol_and_tunes_parents_first(tmp_path):
-    from dynlm.experiments.runner import only_modes
+    from dynlm.experiments.command import only_modes
     for modes in (["dyneval"], ["learned+cache"], ["cache", "adam"]):
         cfg = experiment_configs(only_modes(EXPERIMENTS["2-level"], modes), "cpu").arms[0].cfg
         assert protocol_of(cfg.eval) == "article", modes  # not the static base's own segment length
@@ -345,7 +345,7 @@ def test_a_subset_of_modes_keeps_the_experiments_protocol_and_tunes_parents_firs
 def test_experiment_rewrites_the_repositorys_files_only_from_its_root_or_when_asked(tmp_path, monkeypatch, capsys):
     """Issue 17: run from another directory with --runs, the plan rewrote the installed repository's
     README.md and experiments/RESULTS.md."""
-    from dynlm.experiments.runner import generated_files
+    from dynlm.experiments.command import generated_files
     from dynlm.experiments.registry import README_FILE, REPO, RESULTS_FILE
     monkeypatch.chdir(tmp_path)
     assert generated_files(Path("runs"), None, None) == (None, None)

@@ -20,5 +20,5 @@ weights, modes, eval/rule/data/model settings) matches is not repeated. So re-ru
 is cheap, an interrupted one continues where it stopped, and the ablations share their reference arm.
 """
 # The modules, each with one job: registry (the experiments, light to import), configs (arm configs and
-# stage keys), runs (finding runs to reuse), runner (the stages and the entry point), results (RESULTS.md
-# and README's block).
+# stage keys), runs (finding runs to reuse), stages (the tune and evaluate stages), runner (one experiment's
+# stages in order, its plan and record), command (`dynlm experiment`), results (RESULTS.md and README's block).
