@@ -248,29 +248,7 @@ def tune_checkpoint(ck: dict, ckpt_path: Path, cfg: Config, modes: list[str], sp
           f"{cfg.eval.segment_length}, {cfg.eval.batch_size} streams, boundary {cfg.eval.boundary}); "
           f"static ppl {static_ppl:.3f}")
     rows = [{"mode": "static", "values": "", "ppl": static_ppl, "best": False}]  # the reference
-    best_modes: dict[str, dict[str, float]] = {}
-    extended, on_edge, fixed = {}, {}, {}
-    for mode in parsed:
-        found = {**earlier, **best_modes}
-        start: dict[str, float] = {}
-        if mode.cache and mode.adapts:  # start from the plain mode's and the cache's own tuned values
-            for part in (mode.base.name, "cache"):
-                keys = tuned_keys(parse_modes([part])[0])
-                start.update({k: found.get(part, {}).get(k, getattr(cfg.rule, k)) for k in keys})
-                if part not in found and keys:
-                    print(f"warning: {mode.name}: {part} is not tuned; its values come from the config "
-                          f"({', '.join(f'{k}={start[k]:g}' for k in keys)})")
-            start = {k: v for k, v in start.items() if k not in grids[mode.name]}
-        best, values, final = grid_search(grids[mode.name], lambda v, m=mode: ppl_with(m, {**start, **v}),
-                                          cfg.tune.max_extensions, desc=f"tune {mode.name}")
-        best_modes[mode.name] = {**start, **best}
-        fixed[mode.name] = start
-        extended[mode.name] = {a: [v for v in final[a] if v not in grids[mode.name][a]] for a in final}
-        on_edge[mode.name] = [a for a, v in best.items()  # 0 is a bound (no decay, no cache), not a grid edge
-                              if len(final[a]) > 1 and v in (final[a][0], final[a][-1]) and v > 0]
-        for point, ppl in sorted(values.items()):
-            rows.append({"mode": mode.name, "values": ", ".join(f"{a}={v:g}" for a, v in zip(final, point)),
-                         "ppl": ppl, "best": point == tuple(best.values())})
+    best_modes, fixed, extended, on_edge = search_modes(parsed, grids, cfg, earlier, ppl_with, rows)
 
     header = (f"# written by `dynlm tune` for {Path(ckpt_path).name}: best of the grid per mode on {split} {where}\n"
               f"# ({n_tokens:,} tokens), protocol {protocol_of(cfg.eval)}: eval.segment_length="
@@ -286,21 +264,10 @@ def tune_checkpoint(ck: dict, ckpt_path: Path, cfg: Config, modes: list[str], sp
               "best": best_modes, "fixed": fixed, "extended": extended, "on_edge": on_edge, "grid": rows,
               "tuned_file": str(path)}
     _write_grid(tune_dir(ckpt_path, cfg), *_with_earlier_modes(tune_dir(ckpt_path, cfg) / "tune.json", rows, result))
-    print(grid_table(rows, static_ppl))
-    for name, values in best_modes.items():
-        print(f"best {name}: {', '.join(f'rule.{k}={v:g}' for k, v in values.items())}")
-    print(f"  ->  {path}")
-    if any(v for ext in extended.values() for v in ext.values()):
-        print(f"grids extended at the edge: {json.dumps(extended)}")
-    worse = [m for m in best_modes if min(r["ppl"] for r in rows if r["mode"] == m) >= static_ppl]
-    if worse:
-        print(f"warning: no value tried for {', '.join(worse)} beats the static model on the tuning text "
-              f"(static ppl {static_ppl:.3f}); widen the grid towards smaller rates")
-    edge = {m: a for m, a in on_edge.items() if a}
-    if edge:
-        print(f"warning: still on the edge of the grid after {cfg.tune.max_extensions} extension(s): "
-              + "; ".join(f"{m}: {', '.join(a)}" for m, a in edge.items())
-              + " (raise tune.max_extensions or move the grid)")
+    print(f"{grid_table(rows, static_ppl)}\n" + "".join(
+        f"best {name}: {', '.join(f'rule.{k}={v:g}' for k, v in values.items())}\n" for name, values in best_modes.items())
+        + f"  ->  {path}")
+    say_warnings(rows, result, cfg.tune.max_extensions)
     with Tracker(cfg.log, tune_dir(ckpt_path, cfg), to_dict(cfg), job_type="tune") as tracker:
         tracker.log_table("tune/grid", ["mode", "values", "ppl", "rel_vs_static", "best"],
                           [[r["mode"], r["values"], r["ppl"], r["ppl"] / static_ppl - 1, r["best"]] for r in rows])
@@ -309,6 +276,57 @@ def tune_checkpoint(ck: dict, ckpt_path: Path, cfg: Config, modes: list[str], sp
         tracker.log(best_ppl, echo=False)
         tracker.summary({**best_ppl, **{f"tune/{m}/rule.{k}": v for m, vals in saved.items() for k, v in vals.items()}})
     return result
+
+
+def search_modes(parsed: list[Mode], grids: dict, cfg: Config, earlier: dict, ppl_with, rows: list[dict]):
+    """grid_search of each mode in turn (a MODE+cache from its parents' values, found earlier or just now);
+    appends every evaluated point to `rows`. Returns the best values, the values held fixed, the grid
+    extensions and the axes still on an edge, per mode."""
+    best_modes: dict[str, dict[str, float]] = {}
+    extended, on_edge, fixed = {}, {}, {}
+    for mode in parsed:
+        start = start_values(mode, cfg, {**earlier, **best_modes}, grids[mode.name])
+        best, values, final = grid_search(grids[mode.name], lambda v, m=mode: ppl_with(m, {**start, **v}),
+                                          cfg.tune.max_extensions, desc=f"tune {mode.name}")
+        best_modes[mode.name] = {**start, **best}
+        fixed[mode.name] = start
+        extended[mode.name] = {a: [v for v in final[a] if v not in grids[mode.name][a]] for a in final}
+        on_edge[mode.name] = [a for a, v in best.items()  # 0 is a bound (no decay, no cache), not a grid edge
+                              if len(final[a]) > 1 and v in (final[a][0], final[a][-1]) and v > 0]
+        for point, ppl in sorted(values.items()):
+            rows.append({"mode": mode.name, "values": ", ".join(f"{a}={v:g}" for a, v in zip(final, point)),
+                         "ppl": ppl, "best": point == tuple(best.values())})
+    return best_modes, fixed, extended, on_edge
+
+
+def start_values(mode: Mode, cfg: Config, found: dict[str, dict], grid: dict) -> dict[str, float]:
+    """The values a MODE+cache is not tuned over but starts from: the plain mode's and the cache's own
+    tuned values (`found`, else the config's, said as a warning); none for any other mode."""
+    start: dict[str, float] = {}
+    if mode.cache and mode.adapts:
+        for part in (mode.base.name, "cache"):
+            keys = tuned_keys(parse_modes([part])[0])
+            start.update({k: found.get(part, {}).get(k, getattr(cfg.rule, k)) for k in keys})
+            if part not in found and keys:
+                print(f"warning: {mode.name}: {part} is not tuned; its values come from the config "
+                      f"({', '.join(f'{k}={start[k]:g}' for k in keys)})")
+    return {k: v for k, v in start.items() if k not in grid}
+
+
+def say_warnings(rows: list[dict], result: dict, max_extensions: int) -> None:
+    """Grids extended, modes no value of which beats the static model, grids still on their edge."""
+    static_ppl, extended, on_edge = result["static_ppl"], result["extended"], result["on_edge"]
+    if any(v for ext in extended.values() for v in ext.values()):
+        print(f"grids extended at the edge: {json.dumps(extended)}")
+    worse = [m for m in result["best"] if min(r["ppl"] for r in rows if r["mode"] == m) >= static_ppl]
+    if worse:
+        print(f"warning: no value tried for {', '.join(worse)} beats the static model on the tuning text "
+              f"(static ppl {static_ppl:.3f}); widen the grid towards smaller rates")
+    edge = {m: a for m, a in on_edge.items() if a}
+    if edge:
+        print(f"warning: still on the edge of the grid after {max_extensions} extension(s): "
+              + "; ".join(f"{m}: {', '.join(a)}" for m, a in edge.items())
+              + " (raise tune.max_extensions or move the grid)")
 
 
 def _with_earlier_modes(path: Path, rows: list[dict], result: dict) -> tuple[list[dict], dict]:
