@@ -19,7 +19,6 @@ meta-loss term, while no gradient crosses the truncation.
 from __future__ import annotations
 
 import contextlib
-
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Iterable

@@ -358,7 +358,7 @@ class ExperimentRunner:
     def estimate_text(self, tflops: float, bandwidth_tb_s: float) -> str:
         """Expected cost of the base model's training and of every arm's meta-training at their
         configured sizes, extrapolated from short runs of the real-size model (see cost.py)."""
-        from .cost import format_costs, meta_training_cost, static_training_cost
+        from ..cost import format_costs, meta_training_cost, static_training_cost
         static = self.configs.static
         vocab = static.data.sp_vocab_size if static.data.tokenizer == "sentencepiece" else WORD_VOCAB[self.scale]
         costs = [static_training_cost(static, vocab)]

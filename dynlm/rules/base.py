@@ -111,8 +111,7 @@ class LazyRows:
         rows0 = theta0[name][self.rows]  # (R, E)
         self.theta0 = {**theta0, name: rows0}
         block = w[:, self.rows]  # (B, R, E), a copy
-        self.state_keys = rule.row_state_keys(name)
-        self.full_state = {k: state[k] for k in self.state_keys}  # (B, V, E) each, written back in place
+        self.full_state = {k: state[k] for k in rule.row_state_keys(name)}  # (B, V, E) each, written back in place
         blocks = {k: s[:, self.rows] for k, s in self.full_state.items()}  # (B, R, E) each, copies
         last = state.get(self.last_key(name))
         if last is not None:
