@@ -397,3 +397,17 @@ def test_one_protocol_column_merges_experiments_that_scored_the_same_text():
     assert "Best of the modes run: learned@all+cache" in note
     other = comparison_table([two, record("2-level-all", {"learned@all": 75.0}, static=101.0)], "cpu")
     assert "learned@all" not in other
+
+
+def test_a_run_older_than_a_setting_ran_with_its_default():
+    """A saved config without a newer setting (meta.consolidation) matches the setting's default, which
+    keeps the old behaviour, and nothing else: a new arm that sets it is not handed the old run."""
+    from dynlm.experiments.configs import _mismatches, meta_key
+    from dynlm.config import Config, to_dict
+    wanted = to_dict(Config())
+    saved = to_dict(Config())
+    del saved["meta"]["consolidation"]
+    assert _mismatches(meta_key(saved), meta_key(wanted)) == []
+    wanted["meta"]["consolidation"] = "input"
+    assert _mismatches(meta_key(saved), meta_key(wanted)) == [
+        "meta.consolidation: 'ewc' vs 'input' (a setting the run predates)"]

@@ -189,9 +189,33 @@ def test_ewc_holds_the_fast_weights_closer_to_theta0(base, cache_dir, tmp_path):
     assert make_rule("learned", cfg.rule, names, learner_state=plain["learner"]).consolidation is None
 
 
-def test_ewc_outside_the_continuous_setting_is_a_config_error(base, cache_dir, tmp_path, capsys):
-    assert metatrain(base, tmp_path / "bad", cache_dir, "--meta.ewc_lambda=1") == 2
-    assert "continuous" in capsys.readouterr().err
+def test_the_fisher_input_and_the_ewc_penalty_come_apart(base, cache_dir, tmp_path):
+    """meta.consolidation isolates the two roles of F: `input` (the learner reads F, no penalty) and
+    `penalty` (the penalty pulls the fast weights in, the learner does not read F)."""
+    common = ["--meta.steps=8", "--meta.boundary=continuous", "--meta.theta0_lr=0", "--meta.lr=0.2",
+              "--rule.init_lr=0.01", "--meta.ewc_chunks=5"]
+    assert metatrain(base, tmp_path / "plain", cache_dir, *common) == 0
+    assert metatrain(base, tmp_path / "input", cache_dir, *common, "--meta.consolidation=input") == 0
+    assert metatrain(base, tmp_path / "penalty", cache_dir, *common, "--meta.consolidation=penalty",
+                     "--meta.ewc_lambda=100") == 0
+
+    def reads_fisher(run) -> bool:
+        ck = load_checkpoint(run / "checkpoints" / "last.pt")
+        cfg = load_config([], [], base=ck["config"])
+        return make_rule("learned", cfg.rule, list(ck["reader"]["fast"]), learner_state=ck["learner"]).consolidation is not None
+    assert reads_fisher(tmp_path / "input") and not reads_fisher(tmp_path / "penalty")
+    assert drift(tmp_path / "penalty") < 0.8 * drift(tmp_path / "plain")  # the penalty alone holds them in
+    assert drift(tmp_path / "input") > 0.8 * drift(tmp_path / "plain")  # the input alone does not pull
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--meta.ewc_lambda=1"], "continuous"),  # EWC outside continuous reading
+    (["--meta.consolidation=input"], "continuous"),
+    (["--meta.boundary=continuous", "--meta.consolidation=penalty"], "ewc_lambda"),  # a penalty weighed by 0
+])
+def test_consolidation_outside_its_setting_is_a_config_error(base, cache_dir, tmp_path, capsys, args, says):
+    assert metatrain(base, tmp_path / "bad", cache_dir, *args) == 2
+    assert says in capsys.readouterr().err
 
 
 @pytest.mark.slow

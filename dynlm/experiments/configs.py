@@ -109,9 +109,26 @@ def meta_key(cfg_dict: dict) -> dict:
     return _select(cfg_dict, keys, ignore)
 
 
+_DEFAULTS: list[dict] = []
+
+
+def defaults() -> dict:
+    """Every setting's default, flattened (dotted names)."""
+    if not _DEFAULTS:
+        _DEFAULTS.append(flatten_config(to_dict(Config())))
+    return _DEFAULTS[0]
+
+
 def _mismatches(saved: dict, wanted: dict) -> list[str]:
-    """Differences between two selected keys; settings the saved run predates are not compared."""
-    return [f"{k}: {saved[k]!r} vs {v!r}" for k, v in wanted.items() if k in saved and saved[k] != v]
+    """Differences between two selected keys. A setting the saved run predates ran as its default does
+    (a new setting's default keeps the old behaviour), so it matches only a wanted default value; one
+    without a default (or whose default is not comparable) is not compared."""
+    out = []
+    for k, v in wanted.items():
+        have = saved[k] if k in saved else defaults().get(k, v)
+        if have != v:
+            out.append(f"{k}: {have!r} vs {v!r}" + ("" if k in saved else " (a setting the run predates)"))
+    return out
 
 
 def _digest(obj) -> str:

@@ -106,6 +106,8 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
                       "paper": ("continuous.yaml", "wt103_paper_3level.yaml")},
                arms=(Arm("ewc", ("ewc.yaml",)), Arm("ewc-0.01", ("ewc.yaml", "ewc_0.01.yaml")),
                      Arm("ewc-0.0001", ("ewc.yaml", "ewc_0.0001.yaml")), Arm("no-ewc"),
+                     # the two roles of the Fisher apart: the learner's input alone, the penalty alone
+                     Arm("fisher-input", ("fisher_input.yaml",)), Arm("ewc-penalty", ("ewc.yaml", "ewc_penalty_only.yaml")),
                      # the oracle: the same streams and articles, fast weights reset at every boundary
                      Arm("oracle-reset", ("oracle_reset.yaml",)))),
     Experiment("ablate-learner", "feed-forward vs recurrent meta-learner", ("static", "learned"),

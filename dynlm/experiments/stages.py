@@ -168,7 +168,8 @@ class EvaluationStage:
         record = _read_json(self.out / RECORD)
         if "evaluate" in self.r.redo or not ckpt.is_file() or not record or not (self.out / "summary.json").is_file():
             return []
-        old, new = record.get("key") or {}, self.r.eval_key(ckpt, cfg, tuned, self.r.all_modes)
+        # a record older than the `explicit` key had none: no rule value set explicitly
+        old, new = {"explicit": [], **(record.get("key") or {})}, self.r.eval_key(ckpt, cfg, tuned, self.r.all_modes)
         if without(old, "modes", "tuned") != without(new, "modes", "tuned"):
             return []
         return [m for m in old.get("modes", ()) if m in self.r.all_modes

@@ -40,9 +40,19 @@ def check_meta_config(cfg: Config) -> None:
     """What no single field's declaration (config.py) can say: a ConfigError before any work."""
     check_rule_layers(cfg)
     m = cfg.meta
-    if m.ewc_lambda and m.boundary != "continuous":
-        raise ConfigError(f"meta.ewc_lambda={m.ewc_lambda:g} weighs a consolidation of continuous reading; it "
-                          f"needs meta.boundary=continuous, not {m.boundary}")
+    if (m.ewc_lambda or m.consolidation == "input") and m.boundary != "continuous":
+        what = f"meta.ewc_lambda={m.ewc_lambda:g}" if m.ewc_lambda else "meta.consolidation=input"
+        raise ConfigError(f"{what} is a consolidation of continuous reading; it needs meta.boundary=continuous, "
+                          f"not {m.boundary}")
+    if m.consolidation == "penalty" and not m.ewc_lambda:
+        raise ConfigError("meta.consolidation=penalty weighs the EWC penalty by meta.ewc_lambda, which is 0")
+
+
+def fisher_roles(m) -> tuple[bool, bool]:
+    """(penalty, input): whether the meta-loss adds the EWC penalty, and whether the learner reads F per
+    coordinate (meta.consolidation; by default both when meta.ewc_lambda > 0)."""
+    penalty = m.ewc_lambda > 0 and m.consolidation in ("ewc", "penalty")
+    return penalty, (m.ewc_lambda > 0 and m.consolidation == "ewc") or m.consolidation == "input"
 
 
 def meta_layout(articles, cfg: Config, eos_id: int, epoch: int, dinfo: D.DistInfo = D.DistInfo()) -> StreamLayout:
@@ -117,7 +127,8 @@ def _metatrain(cfg: Config, run_dir: Path, init: Path | None, resume: bool, dinf
                  f"{sum(p.numel() for p in rule.parameters())} parameters, rewriting {len(names)} tensors "
                  f"({sum(trainer.theta0[k].numel() for k in names):,} weights) per stream; K={m.unroll}, "
                  f"chunk={m.chunk}, {'second' if m.second_order else 'first'}-order, boundary={m.boundary}"
-                 + (", checkpointed" if m.checkpoint else "") + (f", EWC {m.ewc_lambda}" if trainer.fisher else ""))
+                 + (", checkpointed" if m.checkpoint else "") + (f", EWC penalty {m.ewc_lambda}" if trainer.fisher else "")
+                 + (", Fisher as the learner's input" if rule.consolidation else ""))
     stopped_by = run.loop(trainer, "metatrain", m.steps)
     ckpt_dir = run.ckpt_dir
     ckpt = ckpt_dir / ("best.pt" if (ckpt_dir / "best.pt").exists() else "last.pt")
@@ -140,10 +151,12 @@ class MetaTrainer:
         names = adapted_names(lm, cfg.rule, "learned", params)
         self.rule = make_rule("learned", cfg.rule, names).to(device)
         self.static, self.theta0, self.opt, self.trained = meta_parameters(params, names, self.rule, m, device)
-        self.fisher = (ewc_fisher(lm, {**self.static, **self.theta0}, train_arts, cfg, names, eos_id, device)
-                       if m.ewc_lambda else None)
-        if self.fisher is not None:  # the third level, per coordinate: the learner sees how much each weight matters
-            self.rule.consolidation = consolidation_input(self.fisher)
+        penalty, as_input = fisher_roles(m)
+        fisher = (ewc_fisher(lm, {**self.static, **self.theta0}, train_arts, cfg, names, eos_id, device)
+                  if penalty or as_input else None)
+        if as_input:  # the third level, per coordinate: the learner sees how much each weight matters
+            self.rule.consolidation = consolidation_input(fisher)
+        self.fisher = fisher if penalty else None  # what the meta-loss weighs the drift from theta0 with
         self.unroll = TruncatedUnroll(Stepper(lm, self.static, self.theta0, self.rule, boundary=m.boundary, meta=True,
                                               second_order=m.second_order, checkpoint=m.checkpoint),
                                       m.unroll, fisher=self.fisher)
