@@ -16,9 +16,10 @@ import pytest
 
 from dynlm.cli import main
 from dynlm.config import ReportConfig
-from dynlm.report import (BLUE, RED, bins_around_zero, improvement_by_position, improvement_color, load_tokens, mode_style,
-                          plot_drift, plot_histogram, plot_improvement, plot_stream, render_report, robust_limits,
-                          stream_improvement, trailing_mean)
+from dynlm.report import render_report
+from dynlm.report.plots import bins_around_zero, plot_drift, plot_histogram, plot_improvement, plot_stream, stream_improvement
+from dynlm.report.style import BLUE, RED, improvement_color, mode_style, robust_limits
+from dynlm.report.tables import improvement_by_position, load_tokens, trailing_mean
 
 TRICKY = ["<script>alert(1)</script>", "a&b", '"quoted"', "<eos>"]  # must come out escaped
 
@@ -437,7 +438,7 @@ def test_histogram_bins_have_an_edge_at_zero():
 
 
 def test_article_titles_are_shown_as_written_not_as_wikitext_tokens():
-    from dynlm.report import display_title
+    from dynlm.report.style import display_title
     assert display_title("M @-@ 82 ( Michigan highway )") == "M-82 (Michigan highway)"
     assert display_title("1 @,@ 000 Guineas") == "1,000 Guineas"
     assert display_title("Frank <unk>") == "Frank <unk>"  # the corpus itself hides the rare word
