@@ -443,3 +443,16 @@ def test_article_titles_are_shown_as_written_not_as_wikitext_tokens():
     assert display_title("1 @,@ 000 Guineas") == "1,000 Guineas"
     assert display_title("Frank <unk>") == "Frank <unk>"  # the corpus itself hides the rare word
     assert display_title("<unk> <unk>") == "(title out of vocabulary)"
+
+
+@pytest.mark.parametrize("modes", [("learned",), ("learned", "dyneval", "cache", "learned+cache")])
+def test_the_stream_figures_y_label_fits_its_height(tmp_path, modes):
+    """One panel makes a short figure: its y-label wraps instead of running off both edges."""
+    write_eval_dir(tmp_path, modes=modes)
+    fig = plot_stream(load_tokens(tmp_path), 3, 50, tmp_path / "s.png")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()  # constrained layout places the label at draw time
+    label = next(t for t in fig.texts if t.get_rotation() == 90 and t.get_text())
+    box = label.get_window_extent(canvas.get_renderer())
+    assert 0 <= box.y0 and box.y1 <= fig.bbox.height

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -97,8 +98,9 @@ def plot_stream(t: TokenTable, n_articles: int, window: int, path: Path) -> Figu
     axes[0].set_xlim(0, max(end, 1))
     axes[0].set_ylim(lo, hi)
     axes[-1].set_xlabel("token in the stream of consecutive articles (A, B, …; dashed: article start)")
-    fig.supylabel(f"static NLL − mode NLL (nats/token), trailing mean over {window} tokens within the article",
-                  fontsize=9)
+    label = f"static NLL − mode NLL (nats/token), trailing mean over {window} tokens within the article"
+    # wrapped to the figure's height (about 14 characters of 9-pt text per inch): one panel is short
+    fig.supylabel("\n".join(textwrap.wrap(label, max(24, int(fig.get_figheight() * 14)))), fontsize=9)
     fig.suptitle("Per-token loss improvement over static along the stream (higher = mode better)"
                  + (f"; grey: {ref}" if ref is not None and len(modes) > 1 else ""))
     fig.savefig(path)
