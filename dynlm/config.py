@@ -233,9 +233,7 @@ class MetaConfig:
     checkpoint: Bool = False  # gradient checkpointing of chunk steps: keeps each step's inputs, so memory still grows with K (8.2x from K=4 to 64, vs 13.8x without)
     boundary: Boundary = "reset"  # reset: fast weights back to theta0 at article starts | continuous (3-level)
     ewc_lambda: NonNegFloat = 0.0  # continuous: weight of the Fisher-weighted distance of fast weights from theta0
-    # what the diagonal Fisher F does (continuous): ewc = the penalty (with ewc_lambda > 0) and F as the learner's
-    # per-coordinate input | input = the input only, no penalty | penalty = the penalty only, F not an input
-    consolidation: Literal["ewc", "input", "penalty"] = "ewc"
+    consolidation: Literal["ewc", "input", "penalty"] = "ewc"  # the Fisher's roles (continuous): ewc = penalty (ewc_lambda > 0) + learner input | input | penalty
     ewc_chunks: Count = 50  # training chunks for the diagonal Fisher estimate
     static_lr: NonNegFloat = 0.0  # outer Adam on embeddings/softmax too (0 = they stay the long-term memory as is)
     log_every: Count = 20  # meta-steps between log lines (and at the last)

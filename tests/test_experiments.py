@@ -62,12 +62,18 @@ def test_every_experiment_config_loads_and_validates(name, scale):
             t, e = configs.arms[0].cfg.tune, configs.arms[0].cfg.eval
             assert t.articles == 0 and t.tokens >= 30000 and t.skip_articles >= e.max_articles > 0
     if name == "3-level":
-        # the EWC arms, one without it, and the oracle that knows the boundaries (reset there, same streams)
-        *ewc, plain, oracle = (ac.cfg.meta for ac in configs.arms)
+        # the EWC arms, one without it, the Fisher's two roles apart, and the oracle that knows the
+        # boundaries (reset there, same streams)
+        arms = {ac.arm.name: ac.cfg.meta for ac in configs.arms}
+        ewc = [arms[a] for a in ("ewc", "ewc-0.01", "ewc-0.0001")]
+        plain, oracle = arms["no-ewc"], arms["oracle-reset"]
         assert {m.boundary for m in (*ewc, plain)} == {"continuous"} and plain.ewc_lambda == 0
         assert oracle.boundary == configs.arms[-1].cfg.eval.boundary == "reset" and oracle.ewc_lambda == 0
         assert len({(ac.cfg.eval.batch_size, ac.cfg.eval.max_articles) for ac in configs.arms}) == 1
-        assert all(m.ewc_lambda > 0 for m in ewc) and len({m.ewc_lambda for m in ewc}) == len(ewc)
+        assert all(m.ewc_lambda > 0 and m.consolidation == "ewc" for m in ewc)
+        assert len({m.ewc_lambda for m in ewc}) == len(ewc)
+        assert arms["fisher-input"].consolidation == "input" and arms["fisher-input"].ewc_lambda == 0
+        assert arms["ewc-penalty"].consolidation == "penalty" and arms["ewc-penalty"].ewc_lambda == arms["ewc"].ewc_lambda
         if scale == "cpu":  # fewer streams than articles: every stream carries its weights across boundaries
             assert all(ac.cfg.eval.batch_size < ac.cfg.eval.max_articles for ac in configs.arms)
     if name == "ablate-unroll" and scale == "cpu":  # k1, k4, k16 read the same number of training tokens
