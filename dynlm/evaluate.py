@@ -254,7 +254,7 @@ def read_earlier(out: Path, modes: list[str], articles) -> dict[str, dict]:
     if not modes:
         return {}
     summary = json.loads((out / "summary.json").read_text())
-    scores = read_scores(out, modes, articles)
+    scores = read_scores(out, modes, articles, summary)
     source = f"code {summary.get('code', '?')}, finished {summary.get('finished', '?')}"
     return {m: {"scores": scores[m], "settings": (summary.get("settings") or {}).get(m, {}),
                 "scored_by": (summary.get("scored_by") or {}).get(m, "this evaluation").replace("this evaluation", source)}

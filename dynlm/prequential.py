@@ -173,12 +173,14 @@ def write_results(out_dir: Path, results: dict[str, TokenScores], articles: list
     return summary
 
 
-def read_scores(out_dir: Path, modes: list[str], articles: list[Article]) -> dict[str, TokenScores]:
+def read_scores(out_dir: Path, modes: list[str], articles: list[Article], summary: dict | None = None
+                ) -> dict[str, TokenScores]:
     """The scores of `modes` that write_results left in out_dir (tokens.parquet, summary.json, drift.csv),
-    as score returned them, for an evaluation that keeps them beside new modes. ValueError when the
-    directory scored other tokens than `articles` hold (other articles, another tokenizer)."""
+    as score returned them, for an evaluation that keeps them beside new modes; `summary`: out_dir's
+    summary.json when the caller has read it already. ValueError when the directory scored other tokens
+    than `articles` hold (other articles, another tokenizer)."""
     table = pq.read_table(out_dir / "tokens.parquet")
-    summary = json.loads((out_dir / "summary.json").read_text())
+    summary = summary if summary is not None else json.loads((out_dir / "summary.json").read_text())
     index = {a.id: i for i, a in enumerate(articles)}
     ids = table.column("article_id").to_pylist()
     if any(i not in index for i in ids):
