@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import AfterValidator, ConfigDict, Field, Strict, ValidationError
+from pydantic import AfterValidator, ConfigDict, Field, Strict, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass as _pydantic_dataclass
 
 
@@ -216,7 +216,23 @@ class TuneConfig:
     combo_axes: list[Literal["cache_theta", "cache_lambda"]] = field(
         default_factory=lambda: ["cache_lambda"])  # searched for MODE+cache
     max_extensions: NonNeg = 3  # times a grid whose best value is on its edge is extended one step
+    # one mode's own grids over those above, {MODE: {AXIS: [values]}}: dyneval@lstm's rates lie far from
+    # all-weights dyneval's, whose grid it would otherwise share
+    grids: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
+    def __post_init__(self):
+        hints = _hints(TuneConfig)
+        for mode, axes in self.grids.items():
+            for axis, values in axes.items():
+                if axis not in GRID_AXES:
+                    raise Conflict(("grids", mode, axis), f"not a grid (grids: {', '.join(GRID_AXES)})")
+                try:  # the same checks as the axis's shared grid
+                    TypeAdapter(hints[axis]).validate_python(values)
+                except ValidationError as e:
+                    raise Conflict(("grids", mode, axis), _problem(e.errors()[0])) from None
+
+
+GRID_AXES = ("sgd_lr", "dyneval_lr", "dyneval_lamb", "adam_lr", "adam_decay", "cache_theta", "cache_lambda")
 
 @config_class
 class MetaConfig:

@@ -52,8 +52,10 @@ def _round(x: float) -> float:
     return float(f"{x:.6g}")  # 3e-5 * 7 -> 0.00021, not 0.00021000000000000001
 
 
-def initial_grid(cfg: Config, axis: str) -> list[float]:
-    values = getattr(cfg.tune, axis)  # non-empty, positive; a decay's may start at 0 (config.py)
+def initial_grid(cfg: Config, axis: str, mode: str = "") -> list[float]:
+    """The grid of `axis` that `mode` starts from (tune.grids.MODE's, else tune.AXIS), at the eval's
+    segment length."""
+    values = cfg.tune.grids.get(mode, {}).get(axis) or getattr(cfg.tune, axis)  # checked in config.py
     scale = cfg.eval.segment_length / cfg.tune.reference_segment_length if axis in PER_UPDATE else 1.0
     return sorted({_round(v * scale) for v in values})
 
@@ -197,7 +199,21 @@ def mode_grids(mode: Mode, cfg: Config) -> dict[str, list[float]]:
     keys = tuned_keys(mode)
     if mode.cache and mode.adapts:  # combo_axes are cache keys (config.py)
         keys = tuple(cfg.tune.combo_axes)
-    return {a: initial_grid(cfg, a) for a in keys}
+    own = cfg.tune.grids.get(mode.name, {})
+    if set(own) - set(keys):
+        raise ConfigError(f"tune.grids.{mode.name}: {', '.join(sorted(set(own) - set(keys)))} is not searched for "
+                          f"{mode.name} (its axes: {', '.join(keys)})")
+    return {a: initial_grid(cfg, a, mode.name) for a in keys}
+
+
+def check_mode_grids(cfg: Config) -> None:
+    """A ConfigError for a tune.grids entry that no mode would use (a mistyped mode or axis)."""
+    for name in cfg.tune.grids:
+        try:
+            mode = parse_modes([name])[0]
+        except ConfigError as e:
+            raise ConfigError(f"tune.grids.{name}: {e}") from None
+        mode_grids(mode, cfg)
 
 
 def tune_order(modes: list[Mode]) -> list[Mode]:
@@ -219,6 +235,7 @@ def tune_checkpoint(ck: dict, ckpt_path: Path, cfg: Config, modes: list[str], sp
     learner_state = learner_state if learner_state is not None else ck.get("learner")
     if any(m.rule == "learned" for m in parsed) and learner_state is None:
         raise ConfigError(f"{ckpt_path}: learned+cache needs a learner (a checkpoint written by `dynlm metatrain`)")
+    check_mode_grids(cfg)
     grids = {m.name: mode_grids(m, cfg) for m in parsed}  # bad grids fail here, early
     run_dir = run_dir_of(ckpt_path)
     device = resolve_device(cfg.train.device)

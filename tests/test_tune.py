@@ -2,15 +2,20 @@
 picking them up."""
 import json
 import math
+import re
 import shutil
 
 import pytest
+import torch
 import yaml
 
 from conftest import TINY
+from dynlm.checkpoint import save_checkpoint
 from dynlm.cli import main
 from dynlm.config import ConfigError, load_config
-from dynlm.tune import extend, grid_search, initial_grid
+from dynlm.experiments.runner import ExperimentRunner
+from dynlm.modes import parse_mode
+from dynlm.tune import check_mode_grids, extend, grid_search, initial_grid, mode_grids
 
 # small grids (given at segment length 5; TINY evaluates at 10, so per-update rates double)
 SMALL_GRIDS = ["tune.sgd_lr=[0.005,0.01]", "tune.dyneval_lr=[5e-5,1e-4]", "tune.dyneval_lamb=[2e-3]",
@@ -76,6 +81,32 @@ def test_per_update_rates_scale_with_the_segment_length():
     assert initial_grid(cfg, "dyneval_lr") == pytest.approx([7 * v for v in cfg.tune.dyneval_lr])
     assert initial_grid(cfg, "dyneval_lamb") == pytest.approx([7 * v for v in cfg.tune.dyneval_lamb])
     assert initial_grid(cfg, "cache_theta") == cfg.tune.cache_theta  # not a per-update rate
+
+
+def test_a_mode_can_search_its_own_grid(tmp_path):
+    """dyneval@lstm's rates lie far from all-weights dyneval's: tune.grids.MODE replaces the shared grid
+    for that mode alone (scaled like it), and a runner's tuning record of every other mode stays valid."""
+    own = 'tune.grids={"dyneval@lstm": {"dyneval_lr": [1e-4, 2e-4], "dyneval_lamb": [0, 1e-3]}}'
+    cfg = load_config([], ["eval.segment_length=10", "tune.dyneval_lr=[1e-5,2e-5]", own])
+    assert mode_grids(parse_mode("dyneval@lstm"), cfg) == {"dyneval_lr": [2e-4, 4e-4], "dyneval_lamb": [0.0, 2e-3]}
+    assert mode_grids(parse_mode("dyneval"), cfg)["dyneval_lr"] == [2e-5, 4e-5]
+    plain = load_config([], ["eval.segment_length=10", "tune.dyneval_lr=[1e-5,2e-5]"])
+    runner = ExperimentRunner.__new__(ExperimentRunner)  # tune_key reads only its arguments
+    ckpt = tmp_path / "best.pt"
+    save_checkpoint({"params": {"w": torch.zeros(2)}}, ckpt)
+    assert runner.tune_key(ckpt, cfg, "dyneval") == runner.tune_key(ckpt, plain, "dyneval")
+    assert runner.tune_key(ckpt, cfg, "dyneval@lstm") != runner.tune_key(ckpt, plain, "dyneval@lstm")
+
+
+@pytest.mark.parametrize("grids, message", [
+    ('{"dyneval@lstm": {"dyneval_lr": [-1e-4]}}', "tune.grids.dyneval@lstm.dyneval_lr: must be > 0"),
+    ('{"dyneval@lstm": {"lr": [1e-4]}}', "tune.grids.dyneval@lstm.lr: not a grid"),
+    ('{"dyneval@lstm": {"sgd_lr": [1e-4]}}', "tune.grids.dyneval@lstm: sgd_lr is not searched for dyneval@lstm"),
+    ('{"dyneval@lsmt": {"dyneval_lr": [1e-4]}}', "tune.grids.dyneval@lsmt: "),
+])
+def test_a_grid_no_mode_would_search_is_a_one_line_error(grids, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_mode_grids(load_config([], [f"tune.grids={grids}"]))
 
 
 @pytest.fixture(scope="module")
