@@ -103,9 +103,15 @@ def session(device_name: str = "auto"):
     d, device = init_from_env(device_name)
     try:
         yield d, device
-    finally:
-        if owned:
+    except BaseException:
+        if owned:  # no barrier: a rank that failed must not wait for the others (they may never arrive)
             cleanup()
+        raise
+    if owned:
+        # every rank leaves together: one that tore its group down while rank 0 still wrote its last
+        # checkpoint was seen, rarely, to die at exit (gloo: "terminate called without an active exception")
+        barrier()
+        cleanup()
 
 
 def barrier() -> None:

@@ -83,6 +83,7 @@ def run_torchrun(args: list[str], log_dir, nproc: int = 2) -> str:
         return f.read_text(encoding="utf-8", errors="replace") if f and f.is_file() else ""
 
     if p.returncode != 0:
-        ranks = "\n".join(f"--- rank {r} stderr ---\n{read(r, 'stderr.log')[-4000:]}" for r in sorted(logs))
+        ranks = "\n".join(f"--- rank {r} stdout (end) ---\n{read(r, 'stdout.log')[-1500:]}\n"
+                          f"--- rank {r} stderr ---\n{read(r, 'stderr.log')[-4000:]}" for r in sorted(logs))
         pytest.fail(f"torchrun exited {p.returncode}\n{ranks}\n--- torchrun ---\n{p.stderr[-2000:]}", pytrace=False)
     return read(0, "stdout.log")
