@@ -9,7 +9,8 @@ from dynlm.cli import main
 from dynlm.config import ModelConfig
 from dynlm.model import LSTMLM
 
-REQUIRED_RATIOS = ("dyneval_vs_static_train", "learned_vs_dyneval", "metatrain_first_order_vs_static_train",
+REQUIRED_RATIOS = ("dyneval_vs_static_train", "learned_vs_dyneval", "learned_vs_dyneval_short",
+                   "learned_all_vs_dyneval_all", "metatrain_first_order_vs_static_train",
                    "memory_k64_vs_k4_checkpointed", "memory_k64_vs_k4_plain", "functional_vs_nn_lstm_train")
 
 # big enough that one meta-step's memory shows in the RSS (a few MiB per chunk step), small enough for seconds

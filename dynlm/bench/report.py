@@ -34,7 +34,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-def ratios(throughput: dict[str, dict], memory: list[dict], seg: int) -> dict:
+def ratios(throughput: dict[str, dict], memory: list[dict], seg: int, short: int) -> dict:
     tps = {k: v["tokens_per_s"] for k, v in throughput.items()}
 
     def mem(k: int, ckpt: bool) -> float | None:
@@ -43,6 +43,8 @@ def ratios(throughput: dict[str, dict], memory: list[dict], seg: int) -> dict:
     out = {
         "dyneval_vs_static_train": _ratio(tps.get(f"dyneval_seg{seg}"), tps["static_train"]),
         "learned_vs_dyneval": _ratio(tps.get(f"learned_ff_seg{seg}"), tps.get(f"dyneval_seg{seg}")),
+        "learned_vs_dyneval_short": _ratio(tps.get(f"learned_ff_seg{short}"), tps.get(f"dyneval_seg{short}")),
+        "learned_all_vs_dyneval_all": _ratio(tps.get(f"learned_all_seg{seg}"), tps.get(f"dyneval_all_seg{seg}")),
         "metatrain_first_order_vs_static_train": _ratio(tps.get("metatrain_first_order"), tps["static_train"]),
         "memory_k64_vs_k4_checkpointed": _ratio(mem(64, True), mem(4, True)),
         "memory_k64_vs_k4_plain": _ratio(mem(64, False), mem(4, False)),

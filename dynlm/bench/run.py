@@ -60,7 +60,7 @@ def run_bench(cfg: Config, out: Path) -> dict:
         info["load_average_at_end"] = os.getloadavg()
     result = {"machine": info, "git": git_info(), "settings": settings, "config": to_dict(cfg),
               "throughput": throughput, "memory": memory,
-              "ratios": ratios(throughput, memory_rows, cfg.eval.segment_length),
+              "ratios": ratios(throughput, memory_rows, cfg.eval.segment_length, cfg.bench.short_segment),
               "seconds": {**phases, "total": time.perf_counter() - start}}
     table = markdown(result)
     result["table"] = table

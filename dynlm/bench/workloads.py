@@ -10,6 +10,7 @@ from typing import Callable
 
 import torch
 from torch import Tensor
+from torch.utils import benchmark
 
 from ..config import Config, ConfigError
 from ..data.streams import Chunk
@@ -26,7 +27,8 @@ from ..unroll import Reader, Stepper, TruncatedUnroll, as_dtype
 from .reference import TorchLSTMLM
 
 POOL_CHUNKS = 8  # distinct chunks per shape, read in turn
-HEADLINE_RATIOS = ("dyneval_vs_static_train", "learned_vs_dyneval", "metatrain_first_order_vs_static_train",
+HEADLINE_RATIOS = ("dyneval_vs_static_train", "learned_vs_dyneval", "learned_vs_dyneval_short",
+                   "learned_all_vs_dyneval_all", "metatrain_first_order_vs_static_train",
                    "memory_k64_vs_k4_checkpointed", "memory_k64_vs_k4_plain", "functional_vs_nn_lstm_train")
 
 
@@ -294,6 +296,11 @@ def build_workloads(bench: Bench) -> list[Workload]:
         w.append(bench.online("learned_rnn" + s, "online learned rnn (eager)", "learned", length, rnn))
         w.append(bench.online(f"learned_ff_hidden{hidden_n}" + s, f"online learned ff, hidden {hidden_n}",
                               "learned", length, ff_hidden))
+        # every weight, per stream: the adam control updates touched embedding rows only, the learned rule
+        # every row (its gates read each coordinate's drift, which has no closed form over skipped segments)
+        w.append(bench.online("adam_all" + s, "online adam control, all weights (sparse embedding rows)", "adam@all",
+                              length))
+        w.append(bench.online("learned_all" + s, "online learned ff, all weights" + tag(ff), "learned@all", length, ff))
     w.append(bench.online(f"learned_ff_cache_seg{seg}", "online learned ff + cache" + tag(ff), "learned+cache", seg, ff))
     # Krause's protocol: one stream, segments of `short`, every weight
     w.append(one.online(f"static_eval_1stream_seg{short}", "static evaluation, 1 stream", "static", short))
@@ -308,10 +315,13 @@ def build_workloads(bench: Bench) -> list[Workload]:
 
 
 def time_workloads(workloads: list[Workload], bench: Bench, repeats: int, warmup: int) -> None:
-    """Warm each up, then time them in turns: repeat r of every workload before repeat r + 1 of any.
+    """Warm each up, then time them in turns: repeat r of every workload before repeat r + 1 of any, so
+    that a load that changes during the run (a shared machine) weighs on every row alike.
 
-    Compiled workloads get one more warm-up call: torch.compile specialises its first graph to the
-    streams' fresh state (weights still a stride-0 view of theta0) and recompiles for the next one."""
+    A timed repeat is torch.utils.benchmark's Timer.timeit(1): it sets the thread count, runs its own
+    two warm-up calls and synchronises the accelerator around the timed call. Compiled workloads get one
+    more warm-up call of ours: torch.compile specialises its first graph to the streams' fresh state
+    (weights still a stride-0 view of theta0) and recompiles for the next one."""
     for w in workloads:
         for i in range(warmup + (1 if warmup and w.compiled else 0)):
             bench.sync()
@@ -324,14 +334,13 @@ def time_workloads(workloads: list[Workload], bench: Bench, repeats: int, warmup
             w.after_warmup(w)
         first = f" in {w.first_call_s:.1f} s" if w.first_call_s is not None else ""
         print(f"warmed up {w.name}{first}", flush=True)
+    threads = torch.get_num_threads()
+    timers = [benchmark.Timer("call()", globals={"call": w.call}, num_threads=threads, label=w.label)
+              for w in workloads]
     with progress(total=repeats * len(workloads), desc="timing", mininterval=1) as bar:
         for _ in range(repeats):
-            for w in workloads:
-                bench.sync()
-                start = time.perf_counter()
-                w.call()
-                bench.sync()
-                w.seconds.append(time.perf_counter() - start)
+            for w, timer in zip(workloads, timers):
+                w.seconds.append(timer.timeit(1).median)
                 bar.update()
     for w in workloads:
         print(f"{w.name:<44} {w.tokens_per_s():>10,.0f} tokens/s  (median of {repeats})", flush=True)
