@@ -216,9 +216,8 @@ class TuneConfig:
     combo_axes: list[Literal["cache_theta", "cache_lambda"]] = field(
         default_factory=lambda: ["cache_lambda"])  # searched for MODE+cache
     max_extensions: NonNeg = 3  # times a grid whose best value is on its edge is extended one step
-    # one mode's own grids over those above, {MODE: {AXIS: [values]}}: dyneval@lstm's rates lie far from
-    # all-weights dyneval's, whose grid it would otherwise share
-    grids: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    # dyneval@lstm's rates lie far from all-weights dyneval's, whose grid it would otherwise share
+    grids: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # a mode's own grids, {MODE: {AXIS: [values]}}, over the shared ones above
 
     def __post_init__(self):
         hints = _hints(TuneConfig)
