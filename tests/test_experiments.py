@@ -403,6 +403,15 @@ def test_one_protocol_column_merges_experiments_that_scored_the_same_text():
     assert "Best of the modes run: learned@all+cache" in note
     other = comparison_table([two, record("2-level-all", {"learned@all": 75.0}, static=101.0)], "cpu")
     assert "learned@all" not in other
+    # the krause protocol gets the same like-for-like sentence, from its own evaluation
+    krause = record("krause", {"learned": 95.0, "dyneval": 80.0, "dyneval@lstm": 97.0, "adam": 96.0})
+    krause["arms"][0]["summary"]["protocol"] = "krause"
+    note = goal_note([two, krause], "cpu")
+    said = note[note.index("Under the `krause` protocol"):]
+    assert "learned 95.00 vs dyneval@lstm 97.00: learned wins by 2.00 ppl" in said
+    assert "learned 95.00 vs adam 96.00: learned wins by 1.00 ppl" in said
+    assert "learned 95.00 vs dyneval 80.00: learned loses by 15.00 ppl" in said
+    assert "Best of the modes run there: dyneval (80.00, -20.0% vs static)" in said
 
 
 def test_a_run_older_than_a_setting_ran_with_its_default():

@@ -139,6 +139,18 @@ def tuning_clause(s: dict, r: dict | None = None) -> str:
     return text + (f"; not tuned (config or explicit values): {', '.join(untuned)}" if untuned else "")
 
 
+def comparisons(m: dict[str, dict]) -> list[str]:
+    """Each learned rule against the baselines on the same weights (LSTM: dyneval@lstm and the adam
+    control; all: dyneval and adam@all; with the cache: dyneval+cache), for the modes `m` holds."""
+    def cmp(a: str, b: str) -> str:
+        gap = _ppl(m[b]) - _ppl(m[a])
+        return (f"{a} {_ppl(m[a]):.2f} vs {b} {_ppl(m[b]):.2f}: {a} "
+                + (f"wins by {gap:.2f} ppl" if gap > 0 else f"loses by {-gap:.2f} ppl"))
+    pairs = [("learned", "dyneval@lstm"), ("learned", "dyneval"), ("learned", "adam"), ("learned@all", "dyneval"),
+             ("learned@all", "adam@all"), ("learned+cache", "dyneval+cache"), ("learned@all+cache", "dyneval+cache")]
+    return [cmp(a, b) for a, b in pairs if a in m and b in m]
+
+
 def goal_note(records: list[dict], scale: str) -> str:
     """The headline: where the learned rule stands against tuned dynamic evaluation under the same
     protocol, on the same weights (dyneval@lstm), on all weights (Krause's dyneval) and against the
@@ -149,34 +161,24 @@ def goal_note(records: list[dict], scale: str) -> str:
     if not s or not {"learned", "static"} <= set(s["modes"]):
         return ""
     m = s["modes"]
-
-    def cmp(a: str, b: str) -> str:
-        gap = _ppl(m[b]) - _ppl(m[a])
-        return (f"{a} {_ppl(m[a]):.2f} vs {b} {_ppl(m[b]):.2f}: {a} "
-                + (f"wins by {gap:.2f} ppl" if gap > 0 else f"loses by {-gap:.2f} ppl"))
-    parts = [cmp("learned", d) for d in ("dyneval@lstm", "dyneval", "adam") if d in m]
-    # like for like: each learned rule against dyneval of the same weights (LSTM: dyneval@lstm, all: dyneval)
-    parts += [cmp(a, b) for a, b in (("learned@all", "dyneval"), ("learned@all", "adam@all"),
-                                     ("learned+cache", "dyneval+cache"),
-                                     ("learned@all+cache", "dyneval+cache")) if a in m and b in m]
     best = min(m, key=lambda k: _ppl(m[k]))
     left_out = [mode for e in dict(PROTOCOL_EXPERIMENTS)["article"]
                 for mode in (_record(records, scale, e) or {}).get("modes_left_out") or []]
     text = (f"**Headline** (`{s.get('protocol', '?')}` protocol, one base model, the first "
-            f"{m['static']['n_articles']} validation articles; {tuning_clause(s, r)}): " + "; ".join(parts)
+            f"{m['static']['n_articles']} validation articles; {tuning_clause(s, r)}): "
+            + "; ".join(comparisons(m))
             + f". Best of the modes run: {best} ({_ppl(m[best]):.2f}, {100 * m[best]['rel_change_vs_static']:+.1f}% "
             f"vs static)" + (f"; not run here: {', '.join(left_out)}" if left_out else "") + ".")
     k = _summary(records, scale, "krause")
-    if k and "dyneval" in k["modes"] and "static" in k["modes"]:
+    if k and {"dyneval", "static"} <= set(k["modes"]):
         km = k["modes"]
         kbest = min(km, key=lambda x: _ppl(km[x]))
-        learned = (f"the learned rule meta-trained for it reaches {_ppl(km['learned']):.2f} "
-                   f"({100 * km['learned']['rel_change_vs_static']:+.1f}%)" if "learned" in km
-                   else "no learned rule has been meta-trained for that protocol yet")
-        text += (f" Under `{k.get('protocol', '?')}` protocol (`dynlm experiment krause`; "
-                 f"{tuning_clause(k, _record(records, scale, 'krause'))}), dyneval "
-                 f"(all weights) reaches {_ppl(km['dyneval']):.2f} ({100 * km['dyneval']['rel_change_vs_static']:+.1f}% "
-                 f"vs static), {learned}; best of the modes run there: {kbest} ({_ppl(km[kbest]):.2f}).")
+        said = comparisons(km) if "learned" in km else ["no learned rule has been meta-trained for that protocol yet"]
+        text += (f" Under the `{k.get('protocol', '?')}` protocol (`dynlm experiment krause`; "
+                 f"{tuning_clause(k, _record(records, scale, 'krause'))}"
+                 + ("; the learner meta-trained for it): " if "learned" in km else "): ")
+                 + "; ".join(said) + f". Best of the modes run there: {kbest} ({_ppl(km[kbest]):.2f}, "
+                 f"{100 * km[kbest]['rel_change_vs_static']:+.1f}% vs static).")
     return text
 
 
