@@ -217,7 +217,7 @@ class TuneConfig:
         default_factory=lambda: ["cache_lambda"])  # searched for MODE+cache
     max_extensions: NonNeg = 3  # times a grid whose best value is on its edge is extended one step
     # dyneval@lstm's rates lie far from all-weights dyneval's, whose grid it would otherwise share
-    grids: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # a mode's own grids, {MODE: {AXIS: [values]}}, over the shared ones above
+    grids: dict[str, dict[str, list[Float]]] = field(default_factory=dict)  # a mode's own grids, {MODE: {AXIS: [values]}}, over the shared ones above
 
     def __post_init__(self):
         hints = _hints(TuneConfig)

@@ -110,8 +110,10 @@ def session(device_name: str = "auto"):
     if owned:
         # every rank leaves together: one that tore its group down while rank 0 still wrote its last
         # checkpoint was seen, rarely, to die at exit (gloo: "terminate called without an active exception")
-        barrier()
-        cleanup()
+        try:
+            barrier()
+        finally:
+            cleanup()
 
 
 def barrier() -> None:

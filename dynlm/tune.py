@@ -213,6 +213,8 @@ def check_mode_grids(cfg: Config) -> None:
             mode = parse_modes([name])[0]
         except ConfigError as e:
             raise ConfigError(f"tune.grids.{name}: {e}") from None
+        if mode.name != name:  # grids are looked up by the mode's own name: another spelling would be ignored
+            raise ConfigError(f"tune.grids.{name}: write the mode as {mode.name!r}")
         mode_grids(mode, cfg)
 
 

@@ -103,6 +103,8 @@ def test_a_mode_can_search_its_own_grid(tmp_path):
     ('{"dyneval@lstm": {"lr": [1e-4]}}', "tune.grids.dyneval@lstm.lr: not a grid"),
     ('{"dyneval@lstm": {"sgd_lr": [1e-4]}}', "tune.grids.dyneval@lstm: sgd_lr is not searched for dyneval@lstm"),
     ('{"dyneval@lsmt": {"dyneval_lr": [1e-4]}}', "tune.grids.dyneval@lsmt: "),
+    ('{"static+cache": {"cache_lambda": [0.5]}}', "tune.grids.static+cache: write the mode as 'cache'"),
+    ('{"dyneval@lstm": {"dyneval_lr": ["1e-4"]}}', "tune.grids.dyneval@lstm.dyneval_lr"),
 ])
 def test_a_grid_no_mode_would_search_is_a_one_line_error(grids, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

@@ -141,7 +141,8 @@ def tuning_clause(s: dict, r: dict | None = None) -> str:
 
 def comparisons(m: dict[str, dict]) -> list[str]:
     """Each learned rule against the baselines on the same weights (LSTM: dyneval@lstm and the adam
-    control; all: dyneval and adam@all; with the cache: dyneval+cache), for the modes `m` holds."""
+    control; all: dyneval and adam@all; with the cache: dyneval+cache), and the LSTM-only rule against
+    Krause's dyneval of every weight, for the modes `m` holds."""
     def cmp(a: str, b: str) -> str:
         gap = _ppl(m[b]) - _ppl(m[a])
         return (f"{a} {_ppl(m[a]):.2f} vs {b} {_ppl(m[b]):.2f}: {a} "
@@ -173,10 +174,10 @@ def goal_note(records: list[dict], scale: str) -> str:
     if k and {"dyneval", "static"} <= set(k["modes"]):
         km = k["modes"]
         kbest = min(km, key=lambda x: _ppl(km[x]))
-        said = comparisons(km) if "learned" in km else ["no learned rule has been meta-trained for that protocol yet"]
+        said = comparisons(km) or ["no learned rule has been meta-trained for that protocol yet"]
         text += (f" Under the `{k.get('protocol', '?')}` protocol (`dynlm experiment krause`; "
                  f"{tuning_clause(k, _record(records, scale, 'krause'))}"
-                 + ("; the learner meta-trained for it): " if "learned" in km else "): ")
+                 + ("; the learner meta-trained for it): " if comparisons(km) else "): ")
                  + "; ".join(said) + f". Best of the modes run there: {kbest} ({_ppl(km[kbest]):.2f}, "
                  f"{100 * km[kbest]['rel_change_vs_static']:+.1f}% vs static).")
     return text

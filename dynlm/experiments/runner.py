@@ -174,8 +174,8 @@ class ExperimentRunner:
                                           "tune.max_extensions", *[f"tune.{a}" for a in axes], *BASELINE_RULE,
                                           "train.bf16"), ("data.cache_dir",))
         key = {"weights": weights_fingerprint(ckpt, with_learner=False), "mode": mode, **settings}
-        if mode in cfg.tune.grids:  # the mode's own grids (only then: older records stay valid)
-            key["grids"] = cfg.tune.grids[mode]
+        if cfg.tune.grids.get(mode):  # the mode's own grids (only then: older records stay valid; the shared
+            key["grids"] = cfg.tune.grids[mode]  # grids it overrides stay in the key too, a retune too many at worst)
         if learner is not None:  # learned+cache: the learner is part of what was tuned
             key["learner"] = weights_fingerprint(learner) if learner.is_file() else None
         return key
