@@ -231,7 +231,9 @@ class TuneConfig:
                     raise Conflict(("grids", mode, axis), _problem(e.errors()[0])) from None
 
 
-GRID_AXES = ("sgd_lr", "dyneval_lr", "dyneval_lamb", "adam_lr", "adam_decay", "cache_theta", "cache_lambda")
+# the tune.* grids: the TuneConfig fields named after the rule.* value they search
+GRID_AXES = tuple(f.name for f in dataclasses.fields(TuneConfig)
+                  if f.name in {r.name for r in dataclasses.fields(RuleConfig)})
 
 @config_class
 class MetaConfig:

@@ -174,11 +174,11 @@ def goal_note(records: list[dict], scale: str) -> str:
     if k and {"dyneval", "static"} <= set(k["modes"]):
         km = k["modes"]
         kbest = min(km, key=lambda x: _ppl(km[x]))
-        said = comparisons(km) or ["no learned rule has been meta-trained for that protocol yet"]
+        said = comparisons(km)
         text += (f" Under the `{k.get('protocol', '?')}` protocol (`dynlm experiment krause`; "
                  f"{tuning_clause(k, _record(records, scale, 'krause'))}"
-                 + ("; the learner meta-trained for it): " if comparisons(km) else "): ")
-                 + "; ".join(said) + f". Best of the modes run there: {kbest} ({_ppl(km[kbest]):.2f}, "
+                 + ("; the learner meta-trained for it): " if said else "): ")
+                 + "; ".join(said or ["no learned rule has been meta-trained for that protocol yet"]) + f". Best of the modes run there: {kbest} ({_ppl(km[kbest]):.2f}, "
                  f"{100 * km[kbest]['rel_change_vs_static']:+.1f}% vs static).")
     return text
 
