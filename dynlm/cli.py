@@ -9,6 +9,7 @@ from pathlib import Path
 from .checkpoint import CheckpointError, check_model_matches, load_checkpoint
 from .config import ConfigError, check_rule_layers, load_config
 from .data.errors import DataError
+from .distributed import end_launched_process
 from .faults import NumericalFaultError
 from .textio import safe_console
 
@@ -476,13 +477,14 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = args_list  # for the commands that print the next one
     try:
         rc = args.func(args, extra)
-        return rc if isinstance(rc, int) else 0
+        rc = rc if isinstance(rc, int) else 0
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"dynlm {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        rc = 2
     except NumericalFaultError as e:  # diverged: not the user's input, so its own exit code
         print(f"dynlm {args.command}: error: {e}", file=sys.stderr)
-        return 3
+        rc = 3
+    return end_launched_process(rc)  # under torchrun the process ends here (see its docstring)
 
 
 if __name__ == "__main__":

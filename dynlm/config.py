@@ -128,6 +128,13 @@ class ModelConfig:
 
 
 @config_class
+class RunConfig:
+    """Where and in what precision every command computes (train, metatrain, evaluate, tune)."""
+    device: Device = "auto"  # auto | cpu | cuda | cuda:N
+    bf16: Bool = False  # autocast to bfloat16 (static training and evaluation; meta-training computes in float32)
+
+
+@config_class
 class TrainConfig:
     """`dynlm train`: the static LM, truncated BPTT over article streams, AdamW, warmup + cosine."""
     batch_size: Count = 16  # parallel article streams
@@ -143,8 +150,6 @@ class TrainConfig:
     eval_every: Count = 500  # steps between validations (and at every epoch end)
     log_every: Count = 50  # steps between training-loss log lines (and at the last step)
     seed: Int = 0  # initialisation, dropout and reading order
-    device: Device = "auto"  # auto | cpu | cuda | cuda:N
-    bf16: Bool = False  # autocast to bfloat16
     boundary: Boundary = "reset"  # hidden state at article starts
     max_bad_steps: Count = 5  # consecutive non-finite loss/grad steps (each skipped) before the run stops
     keep_checkpoints: Count = 3  # rotating ckpt_step*.pt files kept (plus last.pt and best.pt)
@@ -152,9 +157,11 @@ class TrainConfig:
 
 @config_class
 class EvalConfig:
-    """How `evaluate` and `tune` read a split: prequential, segment by segment (--protocol sets these)."""
+    """How a dynamic model reads text: `evaluate` and `tune` prequentially, segment by segment (--protocol
+    sets these); `metatrain` in segments of the same length (its chunk steps), so a learner meta-trains as
+    it is evaluated."""
     modes: list[str] = field(default_factory=lambda: ["static"])  # modes `dynlm demo` evaluates (evaluate: --modes)
-    segment_length: Count = 20  # tokens per online update: meta.chunk's default, so every method reads alike
+    segment_length: Count = 20  # tokens per online update, in evaluation and meta-training alike
     batch_size: Count = 8  # parallel article streams
     boundary: Boundary = "reset"  # reset: every article from theta0 and a zero state | continuous: carried across articles
     max_articles: NonNeg = 0  # `evaluate`: score only the first N articles of the split (0 = all); cheaper runs
@@ -239,9 +246,9 @@ GRID_AXES = tuple(f.name for f in dataclasses.fields(TuneConfig)
 class MetaConfig:
     """`dynlm metatrain`: the learned update rule, trained through K-step truncated unrolls."""
     unroll: Count = 4  # K chunk steps per meta-gradient
-    chunk: Count = 20  # tokens per chunk step (the online segment length)
     batch_size: Count = 16  # parallel article streams
-    steps: NonNeg = 300  # meta-steps (each: unroll x chunk tokens per stream)
+    steps: NonNeg = 300  # meta-steps (each: unroll x eval.segment_length tokens per stream), 0 = no limit
+    max_tokens: NonNeg = 0  # training tokens, 0 = no limit: max_tokens / (batch_size x unroll x eval.segment_length) meta-steps, so arms with another K read as much; the first of steps, max_tokens and max_minutes ends the run
     max_minutes: NonNegFloat = 0.0  # wall-clock budget, 0 = none
     lr: PosFloat = 3e-3  # outer Adam on the learner
     theta0_lr: NonNegFloat = 0.0  # outer Adam on theta0 (0: theta0 stays the static model's, so `static` stays comparable)
@@ -310,6 +317,7 @@ class LogConfig:
 
 @config_class
 class Config:
+    run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -389,6 +397,9 @@ def _list_example(value) -> str:
 
 
 def _unknown_key(loc: tuple, cls: type) -> str:
+    full = tuple(filter(None, _SECTION.get(cls, "").split("."))) + tuple(loc)
+    if full in MOVED:
+        return f"{_dotted(full)} is now {_dotted(MOVED[full])}"
     parent = field_hint(loc[:-1], cls)
     names = list(_hints(_bare(parent))) if parent is not None else []
     section = _SECTION.get(cls, "") + _dotted(loc[:-1])
@@ -565,8 +576,39 @@ def parse_override(text: str) -> dict:
     return node
 
 
+# keys that moved: a checkpoint's config is migrated; a YAML file or an override that uses the old key
+# gets an error naming the new one
+MOVED = {("train", "device"): ("run", "device"), ("train", "bf16"): ("run", "bf16"),
+         ("meta", "chunk"): ("eval", "segment_length")}
+
+
+def meta_steps(cfg: Config) -> int:
+    """The meta-steps a `metatrain` run may take: the smaller of meta.steps and meta.max_tokens' worth
+    (at least 1), where set; 0 when neither is (meta.max_minutes alone ends the run)."""
+    m = cfg.meta
+    return step_limit(m.steps, m.max_tokens, m.batch_size * m.unroll * cfg.eval.segment_length)
+
+
+def step_limit(steps: int, max_tokens: int, tokens_per_step: int) -> int:
+    """min(steps, max_tokens // tokens_per_step), each where set (non-zero); 0 when neither is."""
+    limits = [steps] if steps else []
+    if max_tokens:
+        limits.append(max(1, max_tokens // tokens_per_step))
+    return min(limits, default=0)
+
+
 def migrate(data: dict) -> dict:
-    """A config dict written by an earlier version, in today's keys (checkpoints keep their config)."""
+    """A config dict written by an earlier version, in today's keys (checkpoints keep their config).
+    A moved key fills its new place unless the dict already sets that: meta.chunk was the chunk of
+    meta-training and eval.segment_length the segment of evaluation, equal in every shipped config."""
+    for (sec, key), (new_sec, new_key) in MOVED.items():
+        old = data.get(sec)
+        if isinstance(old, dict) and key in old:
+            old = dict(old)
+            value = old.pop(key)
+            new = dict(data.get(new_sec) or {})
+            new.setdefault(new_key, value)
+            data = {**data, sec: old, new_sec: new}
     rule = data.get("rule")
     if isinstance(rule, dict) and "dyneval_all_weights" in rule:
         rule = dict(rule)

@@ -135,10 +135,10 @@ def static_training_cost(cfg: Config, vocab: int) -> dict:
 
 
 def meta_training_cost(cfg: Config, vocab: int) -> dict:
-    """One meta-step: meta.batch_size streams x meta.unroll chunk steps of meta.chunk tokens. Unrolls of
+    """One meta-step: meta.batch_size streams x meta.unroll chunk steps of eval.segment_length tokens. Unrolls of
     1 and 2 steps are measured at (1 stream, 4 tokens), (1, 8) and (2, 4): a part per token, one per
     stream (its weight copies) and one shared by all streams and steps (the static weights, saved once)."""
-    m = cfg.meta
+    m, chunk = cfg.meta, cfg.eval.segment_length
     rule_cfg = copy.deepcopy(cfg.rule)
     rule_cfg.compile = False  # compilation changes neither the FLOPs nor what is saved
     lm = LSTMLM(cfg.model, vocab)
@@ -172,9 +172,9 @@ def meta_training_cost(cfg: Config, vocab: int) -> dict:
     # backward through all of them (in second order, through the inner gradient too)
     step_token, step_stream, step_shared = parts(lambda b, n: _minus(unroll(b, n, 2), unroll(b, n, 1)))
     _, _, shared = parts(lambda b, n: unroll(b, n, 1))  # the static weights, saved once
-    per_stream_step = Measured(step_stream.flops + step_token.flops * m.chunk,
-                               int(step_stream.saved_bytes + step_token.saved_bytes * m.chunk),
-                               step_stream.traffic_bytes + step_token.traffic_bytes * m.chunk)
+    per_stream_step = Measured(step_stream.flops + step_token.flops * chunk,
+                               int(step_stream.saved_bytes + step_token.saved_bytes * chunk),
+                               step_stream.traffic_bytes + step_token.traffic_bytes * chunk)
     step_bytes = per_stream_step.saved_bytes
     steps = m.batch_size * m.unroll
     weights = 4 * sum(p.numel() for p in params.values()) + 16 * sum(p.numel() for p in rule.parameters())
@@ -186,7 +186,7 @@ def meta_training_cost(cfg: Config, vocab: int) -> dict:
     recompute = 4 / 3 if m.checkpoint else 1.0  # a checkpoint runs each forward twice (forward ~ 1/3 of fwd + bwd)
     flops = (per_stream_step.flops * steps + step_shared.flops * m.unroll) * recompute
     traffic = (per_stream_step.traffic_bytes * steps + step_shared.traffic_bytes * m.unroll) * recompute
-    tokens = steps * m.chunk
+    tokens = steps * chunk
     return {"stage": f"meta-training ({'second' if m.second_order else 'first'}-order, K={m.unroll}"
                      f"{', checkpointed' if m.checkpoint else ''})",
             "n_params": sum(p.numel() for p in params.values()), "tokens_per_step": tokens,

@@ -20,6 +20,7 @@ import contextlib
 import datetime
 import io
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -97,7 +98,7 @@ def cleanup() -> None:
 
 @contextlib.contextmanager
 def session(device_name: str = "auto"):
-    """`with session(cfg.train.device) as (dinfo, device):` — init from env, clean up at exit
+    """`with session(cfg.run.device) as (dinfo, device):` — init from env, clean up at exit
     (only what this context initialised)."""
     owned = env_world_size() > 1 and not (dist.is_available() and dist.is_initialized())
     d, device = init_from_env(device_name)
@@ -114,6 +115,24 @@ def session(device_name: str = "auto"):
             barrier()
         finally:
             cleanup()
+
+
+def end_launched_process(rc: int) -> int:
+    """Under torchrun (WORLD_SIZE > 1), end this process with exit status `rc` once its output is
+    flushed, skipping the interpreter's teardown; otherwise return `rc`.
+
+    Why: a gloo rank whose run had finished, passed the final barrier and destroyed its process group
+    was seen, in about one CI run in ten, to abort in that teardown ("terminate called without an
+    active exception": a C++ thread object destroyed while still joinable, the crash class of
+    pytorch/pytorch#179291). torchrun then reports the finished run as failed and kills the other
+    ranks. os._exit skips the C++ static destructors and atexit hooks; nothing is lost, because by
+    then every checkpoint is a closed file, the tracker has finished and stdout/stderr are flushed."""
+    if env_world_size() <= 1:
+        return rc
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(rc)
 
 
 def barrier() -> None:

@@ -144,7 +144,7 @@ def score_mode(mode: Mode | str, lm, params, articles, cfg: Config, device, eos_
     rule = make_rule(mode.rule, cfg.rule, names, ms=ms, learner_state=learner_state).to(device)
     e = cfg.eval
     return score(lm, params, articles, eos_id=eos_id, segment_length=e.segment_length, batch_size=e.batch_size,
-                 boundary=e.boundary, device=device, bf16=cfg.train.bf16, rule=rule, names=names, desc=mode.name,
+                 boundary=e.boundary, device=device, bf16=cfg.run.bf16, rule=rule, names=names, desc=mode.name,
                  cache=CacheSettings.from_config(cfg.rule) if mode.cache else None)
 
 
@@ -178,7 +178,7 @@ class ModeScoresCache:
         settings["rule"] = {k: v for k, v in settings["rule"].items() if k != "compile"}
         settings["data"] = {k: v for k, v in settings["data"].items() if k != "cache_dir"}
         return json.dumps({"mode": mode.name, "weights": self.weights, "split": self.split, **settings,
-                           "bf16": cfg.train.bf16, "device": cfg.train.device, "code": code_digest()},
+                           "bf16": cfg.run.bf16, "device": cfg.run.device, "code": code_digest()},
                           sort_keys=True, default=str)
 
     def load(self, mode: Mode, cfg: Config) -> TokenScores | None:
@@ -272,7 +272,7 @@ def evaluate_checkpoint(ck: dict, ckpt_path: Path, cfg: Config, split: str, mode
     if not any(m.name == "static" for m in parsed):  # every change is measured against the static model
         print("note: mode static added: every mode's change is measured against it")
         parsed = [Mode("static"), *parsed]
-    device = resolve_device(cfg.train.device)
+    device = resolve_device(cfg.run.device)
     tok = tokenizer_for(ckpt_path, ck)
     articles = load_articles(cfg.data, split, tok)
     articles = articles[: cfg.eval.max_articles] if cfg.eval.max_articles else articles

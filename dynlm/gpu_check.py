@@ -41,9 +41,9 @@ MODES = "static,sgd,dyneval,dyneval@lstm,adam,cache,learned,learned+cache"
 # reduced paper scale: wt103_paper_static.yaml + wt103_paper_meta.yaml's model and learner on WikiText-2
 PAPER = ["--model.emb_size=400", "--model.hidden_size=1150", "--model.n_layers=3", "--model.softmax=full",
          "--model.dropout_input=0.1", "--model.dropout_hidden=0.1", "--model.dropout_output=0.1",
-         "--model.weight_drop=0.1", "--train.batch_size=64", "--train.bptt=70", "--train.bf16=true",
+         "--model.weight_drop=0.1", "--train.batch_size=64", "--train.bptt=70", "--run.bf16=true",
          "--train.warmup_steps=100", "--train.eval_every=1000000", "--train.log_every=20", "--train.epochs=1",
-         "--meta.unroll=4", "--meta.chunk=20", "--meta.batch_size=8", "--meta.steps=100000", "--meta.log_every=5",
+         "--meta.unroll=4", "--meta.batch_size=8", "--meta.steps=100000", "--meta.log_every=5",
          "--meta.valid_articles=2", "--meta.checkpoint_every=100000", "--eval.segment_length=20",
          "--eval.batch_size=8", "--eval.max_articles=3", "--rule.grad_rms_chunks=100",
          "--rule.compile=false"]  # the tests and the bench compile the learned update; here it would eat the budget
@@ -51,7 +51,7 @@ TINY = ["--data.source=synthetic", "--data.synthetic.n_train=12", "--data.synthe
         "--data.synthetic.n_test=3", "--data.synthetic.min_tokens=100", "--data.synthetic.max_tokens=300",
         "--model.emb_size=16", "--model.hidden_size=24", "--train.batch_size=4", "--train.bptt=10",
         "--train.max_steps=10", "--train.warmup_steps=2", "--train.log_every=5", "--train.eval_every=1000",
-        "--meta.steps=3", "--meta.batch_size=2", "--meta.chunk=10", "--meta.log_every=1", "--meta.valid_articles=1",
+        "--meta.steps=3", "--meta.batch_size=2", "--meta.log_every=1", "--meta.valid_articles=1",
         "--eval.segment_length=10", "--eval.batch_size=2", "--eval.max_articles=1", "--rule.grad_rms_chunks=5",
         "--rule.compile=false"]
 TINY_BENCH = ["--model.emb_size=16", "--model.hidden_size=24", "--bench.vocab_size=50", "--bench.batch_size=2",
@@ -151,7 +151,7 @@ def stage_multi_gpu(out: Path, work: Path, budget: float) -> dict:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}", "-m", "dynlm", "train",
                "--out", str(run_dir), *TINY[:6], "--model.emb_size=64", "--model.hidden_size=128",
                "--train.batch_size=8", "--train.bptt=20", "--train.max_steps=20", "--train.log_every=20",
-               "--train.eval_every=1000", "--train.device=cuda", "--log.wandb_mode=disabled"]
+               "--train.eval_every=1000", "--run.device=cuda", "--log.wandb_mode=disabled"]
         runs[procs] = _run(cmd, budget / 2, out / f"ddp{procs}.log")
     losses = {p: (_metric_values(work / f"ddp{p}" / "metrics.jsonl", "train/loss") or [None])[-1] for p in runs}
     ok = all(r["rc"] == 0 for r in runs.values()) and None not in losses.values() and \
@@ -178,7 +178,7 @@ def pipeline_child(device: torch.device, out: Path, work: Path, budget: float, t
     else:
         data = data_dir or REPO.parent / "shared" / "data" / "wikitext-2"
         base = PAPER + ["--data.source=wikitext", f"--data.path={data}", f"--data.cache_dir={work / 'cache'}"]
-    base += [f"--train.device={device}", "--log.wandb_mode=disabled"]
+    base += [f"--run.device={device}", "--log.wandb_mode=disabled"]
     report, path = {}, out / "pipeline.json"
 
     def minutes(share: float) -> str:

@@ -240,7 +240,7 @@ def tune_checkpoint(ck: dict, ckpt_path: Path, cfg: Config, modes: list[str], sp
     check_mode_grids(cfg)
     grids = {m.name: mode_grids(m, cfg) for m in parsed}  # bad grids fail here, early
     run_dir = run_dir_of(ckpt_path)
-    device = resolve_device(cfg.train.device)
+    device = resolve_device(cfg.run.device)
     tok = tokenizer_for(ckpt_path, ck)
     all_articles = load_articles(cfg.data, split, tok)
     articles = tuning_articles(all_articles, skip, n_articles, cfg.tune.tokens)

@@ -86,7 +86,7 @@ def test_config_prints_the_resolved_config_with_docs_and_defaults(tmp_path, caps
 
 
 def test_render_config_round_trips_every_value_type(tmp_path):
-    cfg = load_config([], ["data.path=my texts", "log.tags=[a,b]", "rule.dyneval_lr=3e-5", "train.bf16=true",
+    cfg = load_config([], ["data.path=my texts", "log.tags=[a,b]", "rule.dyneval_lr=3e-5", "run.bf16=true",
                            "tune.dyneval_lamb=[0.001,0.002]"])
     (tmp_path / "c.yaml").write_text(render_config(cfg))
     assert load_config([tmp_path / "c.yaml"]) == cfg

@@ -2,7 +2,7 @@ import re
 
 import pytest
 
-from dynlm.config import Config, ConfigError, load_config, parse_override
+from dynlm.config import Config, ConfigError, load_config, meta_steps, parse_override
 
 
 def test_defaults_are_typed_dataclasses():
@@ -26,7 +26,7 @@ def test_int_is_accepted_for_float():
     ("train.lrr=1", "unknown config key"),
     ("nosection.x=1", "unknown config key"),
     ("train.batch_size=abc", "expected int"),
-    ("train.bf16=3", "true/false"),
+    ("run.bf16=3", "true/false"),
     ("model.adaptive_cutoffs=5", "expected a list"),
     ("train", "section.key=value"),
 ])
@@ -89,7 +89,7 @@ def test_each_field_declares_its_type_choices_and_range_and_every_build_checks_t
     for override, message in [
         ("train.batch_size=true", "expected int, got True"),  # strict: YAML's true is not 1
         ("train.lr=.inf", "expected a finite number"),
-        ("train.device=tpu", "expected auto, cpu, cuda or cuda:N"),
+        ("run.device=tpu", "expected auto, cpu, cuda or cuda:N"),
         ("tune.sgd_lr=[1e-3, -1]", "tune.sgd_lr[1]: must be > 0.0, got -1"),
         ("tune.combo_axes=[sgd_lr]", "'sgd_lr' is not one of cache_theta, cache_lambda"),
         ("log.out_dir=", "must not be empty"),
@@ -168,3 +168,39 @@ def test_out_with_a_hash_writes_exactly_that_directory(tmp_path, tiny_overrides)
     assert (tmp_path / "lr #1" / "checkpoints" / "last.pt").is_file()
     assert (tmp_path / "lr #2" / "checkpoints" / "last.pt").is_file()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("lr")) == ["lr #1", "lr #2"]
+
+
+@pytest.mark.parametrize("old,new", [("train.device=cpu", "run.device"), ("train.bf16=true", "run.bf16"),
+                                     ("meta.chunk=5", "eval.segment_length")])
+def test_a_moved_key_is_an_error_that_names_its_new_home(old, new, tmp_path):
+    with pytest.raises(ConfigError, match=re.escape(f"{old.split('=')[0]} is now {new}")):
+        load_config([], [old])
+    section, rest = old.split(".")
+    (tmp_path / "old.yaml").write_text(f"{section}:\n  {rest.replace('=', ': ')}\n")
+    with pytest.raises(ConfigError, match=re.escape(f"is now {new}")):
+        load_config([tmp_path / "old.yaml"])
+
+
+def test_a_checkpoints_config_from_before_a_move_loads_with_the_keys_in_their_new_home():
+    old = {"train": {"device": "cpu", "bf16": True, "bptt": 7}, "meta": {"chunk": 5, "unroll": 3}}
+    cfg = load_config([], [], base=old)
+    assert (cfg.run.device, cfg.run.bf16, cfg.train.bptt) == ("cpu", True, 7)
+    assert (cfg.eval.segment_length, cfg.meta.unroll) == (5, 3)  # meta-training's chunk was its segment
+    both = {"meta": {"chunk": 5}, "eval": {"segment_length": 20}}
+    assert load_config([], [], base=both).eval.segment_length == 20  # the evaluation's own setting stays
+
+
+def test_a_token_budget_limits_the_meta_steps_like_a_step_limit():
+    cfg = load_config([], ["meta.steps=7"])
+    assert meta_steps(cfg) == 7  # no token budget: meta.steps
+    budget = ["meta.max_tokens=61440", "meta.batch_size=8", "meta.unroll=4", "eval.segment_length=20"]
+    assert meta_steps(load_config([], [*budget, "meta.steps=0"])) == 96  # 61,440 / (8 streams x 4 chunks x 20 tokens)
+    assert meta_steps(load_config([], [*budget, "meta.steps=2"])) == 2  # whichever limit comes first
+    assert meta_steps(load_config([], ["meta.max_tokens=10", "meta.steps=0"])) == 1  # never none
+    assert meta_steps(load_config([], ["meta.steps=0", "meta.max_minutes=5"])) == 0  # the clock alone
+
+
+def test_meta_training_without_any_budget_is_a_one_line_error():
+    from dynlm.train.meta import check_meta_config
+    with pytest.raises(ConfigError, match="nothing to meta-train: set meta.steps, meta.max_tokens or meta.max_minutes"):
+        check_meta_config(load_config([], ["meta.steps=0"]))

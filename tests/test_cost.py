@@ -33,7 +33,7 @@ def test_memory_grows_with_the_batch_by_the_measured_activations():
     per_token = (big["memory_bytes"] - small["memory_bytes"]) / (4 * 10)
     assert per_token >= 4 * vocab  # at least the log-distribution over the vocabulary is kept per token
     cfg = tiny_config()
-    cfg.meta.batch_size, cfg.meta.unroll, cfg.meta.chunk, cfg.rule.compile = 2, 4, 5, False
+    cfg.meta.batch_size, cfg.meta.unroll, cfg.eval.segment_length, cfg.rule.compile = 2, 4, 5, False
     plain = meta_training_cost(cfg, vocab)
     cfg.meta.checkpoint = True
     ckpt = meta_training_cost(cfg, vocab)
@@ -47,7 +47,7 @@ def test_memory_grows_with_the_batch_by_the_measured_activations():
 
 def test_per_stream_weights_make_meta_training_move_more_bytes_per_token():
     vocab, cfg = 50, tiny_config(batch_size=8, bptt=10)
-    cfg.meta.batch_size, cfg.meta.unroll, cfg.meta.chunk, cfg.rule.compile = 8, 2, 10, False
+    cfg.meta.batch_size, cfg.meta.unroll, cfg.eval.segment_length, cfg.rule.compile = 8, 2, 10, False
     static, meta = static_training_cost(cfg, vocab), meta_training_cost(cfg, vocab)
     h, e = cfg.model.hidden_size, cfg.model.emb_size
     w_hh = 4 * (4 * h * h) * 2  # both layers' recurrent matrices, float32

@@ -14,7 +14,7 @@ import yaml
 
 from conftest import TINY
 from dynlm.cli import main
-from dynlm.config import load_config
+from dynlm.config import load_config, meta_steps
 from dynlm.data.articles import Article
 from dynlm.data.streams import StreamLayout
 from dynlm.experiments.configs import experiment_configs
@@ -41,7 +41,7 @@ def test_every_experiment_config_loads_and_validates(name, scale):
         if scale == "paper":
             m = cfg.model
             assert (m.n_layers, m.emb_size, m.hidden_size, m.softmax) == (3, 400, 1150, "full")
-            assert (cfg.data.source, cfg.data.hub_config, cfg.train.bf16) == ("hub", "wikitext-103-v1", True)
+            assert (cfg.data.source, cfg.data.hub_config, cfg.run.bf16) == ("hub", "wikitext-103-v1", True)
             if exp.learner:  # long unrolls, memory kept flat by checkpointing the chunk steps
                 assert cfg.meta.checkpoint and (cfg.meta.unroll >= 16 or name == "ablate-unroll")
         else:
@@ -49,7 +49,7 @@ def test_every_experiment_config_loads_and_validates(name, scale):
             if name.startswith("ablate-") or name == "3-level":
                 # short step budgets (not minutes: a rerun reproduces them), a subset of the articles
                 same_steps = ac.arm.name == "k16-same-steps"  # 4x the tokens of k4, by design
-                assert cfg.meta.max_minutes == 0 and cfg.meta.steps * cfg.meta.unroll <= 400 * (1 + 3 * same_steps)
+                assert cfg.meta.max_minutes == 0 and meta_steps(cfg) * cfg.meta.unroll <= 400 * (1 + 3 * same_steps)
                 assert cfg.eval.max_articles > 0
         assert all(0 <= l < cfg.model.n_layers for l in cfg.rule.layers)
         assert (cfg.data.tokenizer == "sentencepiece") == name.endswith("-sp")
@@ -77,11 +77,11 @@ def test_every_experiment_config_loads_and_validates(name, scale):
         if scale == "cpu":  # fewer streams than articles: every stream carries its weights across boundaries
             assert all(ac.cfg.eval.batch_size < ac.cfg.eval.max_articles for ac in configs.arms)
     if name == "ablate-unroll" and scale == "cpu":  # k1, k4, k16 read the same number of training tokens
-        arms = {ac.arm.name: ac.cfg.meta for ac in configs.arms}
-        assert len({arms[k].steps * arms[k].unroll for k in ("k1", "k4", "k16")}) == 1
+        arms = {ac.arm.name: ac.cfg for ac in configs.arms}  # (one token budget, meta.max_tokens, for all)
+        assert [meta_steps(arms[k]) * arms[k].meta.unroll for k in ("k1", "k4", "k16")] == [384] * 3
         # and the *-same-steps arms take as many outer steps as k4
-        assert {arms[k].steps for k in ("k4", "k1-same-steps", "k16-same-steps")} == {arms["k4"].steps}
-        assert (arms["k1-same-steps"].unroll, arms["k16-same-steps"].unroll) == (1, 16)
+        assert [meta_steps(arms[k]) for k in ("k4", "k1-same-steps", "k16-same-steps")] == [96] * 3
+        assert (arms["k1-same-steps"].meta.unroll, arms["k16-same-steps"].meta.unroll) == (1, 16)
     if name == "ablate-layers":
         assert [ac.cfg.rule.layers for ac in configs.arms] == [[], [0], [configs.static.model.n_layers - 1]]
         assert configs.static.model.n_layers >= 2
@@ -151,7 +151,7 @@ def tiny_experiment_args(tmp_path) -> list[str]:
     return ["--runs", str(tmp_path / "runs"), "--results-file", str(tmp_path / "RESULTS.md"),
             "--readme", str(tmp_path / "README.md"), "--data.source=synthetic",
             *[f"--{o}" for o in TINY], f"--data.cache_dir={tmp_path / 'cache'}", "--data.meta_articles=3",
-            "--meta.steps=2", "--meta.max_minutes=0", "--meta.unroll=2", "--meta.chunk=5", "--meta.batch_size=2",
+            "--meta.steps=2", "--meta.max_minutes=0", "--meta.unroll=2", "--meta.batch_size=2",
             "--meta.log_every=1", "--meta.checkpoint_every=1", "--meta.valid_articles=2", "--rule.compile=false", "--rule.grad_rms_chunks=3",
             "--data.synthetic.n_valid=4", "--eval.max_articles=2",  # tuned on the other 2, as the suite does
             "--tune.skip_articles=2", "--tune.articles=2", "--tune.sgd_lr=[0.005,0.01]", "--tune.dyneval_lr=[5e-5,1e-4]",

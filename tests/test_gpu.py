@@ -180,7 +180,7 @@ def test_meta_gradient_on_device_equals_cpu(second_order):
 
 @pytest.mark.parametrize("mode", ["static", "learned"])
 def test_bf16_autocast_perplexity_close_to_float32(mode):
-    """bf16 autocast (train.bf16, the CUDA default of the paper-scale configs; the CPU smoke runs CPU
+    """bf16 autocast (run.bf16, the CUDA default of the paper-scale configs; the CPU smoke runs CPU
     autocast) runs every path, the adaptive softmax's too, and keeps the perplexity close to float32."""
     fp32 = run_mode(mode, DEVICE, 3)
     bf16 = run_mode(mode, DEVICE, 3, bf16=True)

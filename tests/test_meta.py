@@ -23,7 +23,7 @@ from dynlm.model import LSTMLM
 from dynlm.rules import make_rule
 from dynlm.train.loop import Callback, callbacks
 
-META = ["meta.unroll=2", "meta.chunk=10", "meta.batch_size=4", "meta.log_every=1", "meta.valid_articles=1",
+META = ["meta.unroll=2", "meta.batch_size=4", "meta.log_every=1", "meta.valid_articles=1",
         "meta.lr=0.05", "meta.theta0_lr=0", "rule.init_lr=0.003", "eval.segment_length=10"]
 
 
@@ -152,8 +152,9 @@ def test_nan_meta_loss_is_skipped_and_the_learner_stays_finite(base, cache_dir, 
 
 def test_metatrain_with_unroll_1_moves_the_learner(base, cache_dir, tmp_path):
     """K=1: the only chunk of each meta-step is scored with the update the previous step held back
-    at truncation, replayed in this step's graph; without that its meta-gradient was exactly zero."""
-    assert metatrain(base, tmp_path / "k1", cache_dir, "--meta.unroll=1", "--meta.steps=4", "--meta.lr=0.1",
+    at truncation, replayed in this step's graph; without that its meta-gradient was exactly zero.
+    Its budget is given in tokens: 160 / (4 streams x 1 chunk x 10 tokens) = 4 meta-steps."""
+    assert metatrain(base, tmp_path / "k1", cache_dir, "--meta.unroll=1", "--meta.max_tokens=160", "--meta.lr=0.1",
                      "--rule.compile=false") == 0
     ck = load_checkpoint(tmp_path / "k1" / "checkpoints" / "last.pt")
     cfg = load_config([], [], base=ck["config"])

@@ -397,7 +397,7 @@ def test_tokenizer_kind_of_run_dir_must_match_config(tmp_path, capsys):
     (["--model.softmax=sparse"], "model.softmax: 'sparse' is not one of full, adaptive"),
     (["--train.batch_size=0"], "--train.batch_size: must be >= 1, got 0"),
     (["--train.max_bad_steps=0"], "--train.max_bad_steps: must be >= 1, got 0"),
-    (["--train.device=gpu"], "--train.device: 'gpu': expected auto, cpu, cuda or cuda:N"),
+    (["--run.device=gpu"], "--run.device: 'gpu': expected auto, cpu, cuda or cuda:N"),
     (["--config", "experiments/no_such_experiment.yaml"], "config file not found"),
 ])
 def test_bad_config_on_the_command_line_is_one_line_and_creates_nothing(tmp_path, capsys, args, message):
@@ -633,3 +633,18 @@ def _collectives_worker(rank: int, world: int, store_file: str):
 @pytest.mark.slow
 def test_distributed_helpers_on_two_gloo_processes(tmp_path):
     torch.multiprocessing.spawn(_collectives_worker, args=(2, str(tmp_path / "store")), nprocs=2, join=True)
+
+
+def test_a_process_launched_by_torchrun_ends_without_the_interpreter_teardown(monkeypatch, capsys):
+    # a finished gloo rank was seen to abort in that teardown, which fails the whole torchrun
+    ended = []
+    monkeypatch.setattr(D.os, "_exit", ended.append)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert D.end_launched_process(3) == 3 and ended == []  # a plain process returns its status
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    D.end_launched_process(3)
+    assert ended == [3]
+    main(["config", "--model.hidden_size=8"])  # every command's status goes the same way
+    assert ended == [3, 0] and "hidden_size: 8" in capsys.readouterr().out
+    main(["config", "--model.hidden_size=-1"])  # also an error's
+    assert ended == [3, 0, 2]

@@ -113,7 +113,7 @@ def test_evaluate_bad_input_is_a_clear_error(trained, tmp_path, capsys):
 
 def test_demo_writes_per_article_results(tmp_path, tiny_overrides, capsys):
     out = tmp_path / "demo"
-    small = ["data.meta_articles=3", "meta.steps=3", "meta.batch_size=2", "meta.chunk=10", "meta.valid_articles=1",
+    small = ["data.meta_articles=3", "meta.steps=3", "meta.batch_size=2", "meta.valid_articles=1",
              "tune.articles=1", "eval.segment_length=10"]
     assert main(["demo", "--out", str(out), *[f"--{o}" for o in tiny_overrides + small]]) == 0
     summary = json.loads((out / "eval_test" / "summary.json").read_text())
@@ -130,7 +130,7 @@ def test_demo_writes_per_article_results(tmp_path, tiny_overrides, capsys):
 def test_metatrain_then_evaluate_every_rule(trained, tmp_path, capsys):
     meta = tmp_path / "meta"
     assert main(["metatrain", "--init", str(trained / "checkpoints" / "best.pt"), "--out", str(meta),
-                 "--meta.steps=2", "--meta.unroll=2", "--meta.chunk=5", "--meta.batch_size=2",
+                 "--meta.steps=2", "--meta.unroll=2", "--eval.segment_length=5", "--meta.batch_size=2",
                  "--meta.log_every=1"]) == 0
     assert f"next: dynlm tune --checkpoint {meta / 'checkpoints' / 'best.pt'} --skip-articles 20" in capsys.readouterr().out
     lines = [json.loads(l) for l in (meta / "metrics.jsonl").read_text().splitlines()]

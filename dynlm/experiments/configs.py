@@ -11,7 +11,7 @@ from pathlib import Path
 
 
 from ..checkpoint import flatten_config, load_checkpoint
-from ..config import Config, ConfigError, load_config, to_dict
+from ..config import Config, ConfigError, load_config, step_limit, to_dict
 from ..evaluate import check_modes, params_fingerprint
 from ..textio import dumps, read_json
 from ..train.meta import check_meta_config
@@ -21,7 +21,7 @@ from .registry import experiment_file, BASES, EXPERIMENTS, META_FILES, SCALES, A
 RECORD = "runner.json"  # what the runner wrote next to a stage's outputs: its key, commit, command
 
 # ---- configs --------------------------------------------------------------------------------------
-STATIC_SECTIONS = ("model", "data", "train", "log")  # the command-line overrides the base model sees
+STATIC_SECTIONS = ("model", "data", "train", "run", "log")  # the command-line overrides the base model sees
 
 
 @dataclass
@@ -84,7 +84,7 @@ def _select(cfg_dict: dict, keys, ignore=()) -> dict:
 
 
 # settings that change nothing a static run computes (logging, where the token cache lives, device)
-STATIC_IGNORE = ("data.cache_dir", "train.log_every", "train.keep_checkpoints", "train.max_bad_steps", "train.device")
+STATIC_IGNORE = ("data.cache_dir", "train.log_every", "train.keep_checkpoints", "train.max_bad_steps")
 META_IGNORE = ("data.cache_dir", "meta.log_every", "meta.checkpoint_every", "meta.keep_checkpoints",
                "meta.max_bad_steps")
 LEARNER_RULE = ("rule.learner", "rule.learner_hidden", "rule.learner_features", "rule.forget_bias", "rule.init_lr",
@@ -96,17 +96,22 @@ BASELINE_RULE = ("rule.layers", "rule.weights", "rule.dyneval_weights", "rule.dy
 
 def static_key(cfg_dict: dict) -> dict:
     """Same model + data + train config = the same static LM."""
-    return _select(cfg_dict, ("model", "data", "train"), STATIC_IGNORE)
+    return _select(cfg_dict, ("model", "data", "train", "run.bf16"), STATIC_IGNORE)
 
 
 def meta_key(cfg_dict: dict) -> dict:
     """Same model + data + learner + meta config (on the same base) = the same meta-training run."""
-    keys, ignore = ["model", "data", "meta", *LEARNER_RULE], list(META_IGNORE)
+    keys, ignore = ["model", "data", "meta", "eval.segment_length", *LEARNER_RULE], list(META_IGNORE)
     if cfg_dict.get("meta", {}).get("eval_every", 0):  # repeated validations pick best.pt
-        keys += ["eval.segment_length", "eval.batch_size", "eval.boundary"]
+        keys += ["eval.batch_size", "eval.boundary"]
     else:  # validated once, at the end: it picks nothing
         ignore.append("meta.valid_articles")
-    return _select(cfg_dict, keys, ignore)
+    key = _select(cfg_dict, keys, [*ignore, "meta.max_tokens"])
+    # the steps the run takes, however given (meta.steps, meta.max_tokens): equal budgets are one run
+    flat = {**defaults(), **flatten_config(cfg_dict)}
+    key["meta.steps"] = step_limit(flat["meta.steps"], flat["meta.max_tokens"],
+                                   flat["meta.batch_size"] * flat["meta.unroll"] * flat["eval.segment_length"])
+    return key
 
 
 _DEFAULTS: list[dict] = []

@@ -116,11 +116,12 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
                files={"cpu": (*ABLATION_BUDGET["cpu"], "wt2_cpu_order.yaml"), "paper": ABLATION_BUDGET["paper"]}, arms=(Arm("first-order"), Arm("second-order", ("second_order.yaml",)))),
     Experiment("ablate-unroll", "unroll length K of the meta-gradient (k1, k4, k16: the same training tokens "
                "at CPU scale; k1/k16-same-steps: the same outer steps as k4)", ("static", "learned"),
-               files=ABLATION_BUDGET, arms=(Arm("k1", {"cpu": ("unroll_1.yaml", "wt2_cpu_unroll_1.yaml"), "paper": ("unroll_1.yaml",)}),
-                     Arm("k4", ("unroll_4.yaml",)),
-                     Arm("k16", {"cpu": ("unroll_16.yaml", "wt2_cpu_unroll_16.yaml"), "paper": ("unroll_16.yaml",)}),
+               files=ABLATION_BUDGET, arms=(Arm("k1", ("unroll_1.yaml",)), Arm("k4", ("unroll_4.yaml",)),
+                     Arm("k16", ("unroll_16.yaml",)),
                      # the same outer steps as k4 (96 at CPU scale): 1/4 and 4x its tokens
-                     Arm("k1-same-steps", ("unroll_1.yaml",)), Arm("k16-same-steps", ("unroll_16.yaml",)))),
+                     Arm("k1-same-steps", {"cpu": ("unroll_1.yaml", "wt2_cpu_same_steps.yaml"), "paper": ("unroll_1.yaml",)}),
+                     Arm("k16-same-steps", {"cpu": ("unroll_16.yaml", "wt2_cpu_same_steps.yaml"),
+                                            "paper": ("unroll_16.yaml",)}))),
     Experiment("ablate-theta0", "theta0 fixed (the static model's) vs meta-trained with the learner (the "
                "long-term level learned)", ("static", "learned"), files=ABLATION_BUDGET,
                arms=(Arm("fixed"), Arm("learned", ("learned_theta0.yaml",)))),

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 
-from ..config import Config, ConfigError, to_dict
+from ..config import Config, ConfigError, meta_steps, to_dict
 from ..data.errors import DataError
 from ..data.wikitext import wikitext_files
 from ..gitinfo import git_state
@@ -59,7 +59,7 @@ def describe_data(cfg: Config) -> str:
 def describe_learner(cfg: Config) -> str:
     m, r = cfg.meta, cfg.rule
     parts = [f"{r.learner} learner" + (f" (hidden {r.learner_hidden})" if r.learner_hidden else ""),
-             f"K={m.unroll} x {m.chunk} tokens", "second-order" if m.second_order else "first-order",
+             f"K={m.unroll} x {cfg.eval.segment_length} tokens", "second-order" if m.second_order else "first-order",
              f"boundary {m.boundary}", f"layers {r.layers or 'all'}", f"weights {r.weights}"]
     if m.theta0_lr:
         parts.append(f"theta0 learned (outer lr {m.theta0_lr:g})")
@@ -172,7 +172,7 @@ class ExperimentRunner:
                                           "tune.split", "tune.articles", "tune.tokens", "tune.skip_articles",
                                           "tune.reference_segment_length", "tune.combo_axes",
                                           "tune.max_extensions", *[f"tune.{a}" for a in axes], *BASELINE_RULE,
-                                          "train.bf16"), ("data.cache_dir",))
+                                          "run.bf16"), ("data.cache_dir",))
         key = {"weights": weights_fingerprint(ckpt, with_learner=False), "mode": mode, **settings}
         if cfg.tune.grids.get(mode):  # the mode's own grids (only then: older records stay valid; the shared
             key["grids"] = cfg.tune.grids[mode]  # grids it overrides stay in the key too, a retune too many at worst)
@@ -211,7 +211,7 @@ class ExperimentRunner:
 
     def eval_key(self, ckpt: Path, cfg: Config, tuned: dict | None = None, modes=None) -> dict:
         modes = list(self.exp.modes if modes is None else modes)
-        settings = _select(to_dict(cfg), ("eval", "rule", "data", "model", "train.bf16"),
+        settings = _select(to_dict(cfg), ("eval", "rule", "data", "model", "run.bf16"),
                            ("eval.modes", "rule.compile", "data.cache_dir"))
         return {"weights": weights_fingerprint(ckpt), "split": SPLIT, "modes": modes, **settings,
                 "tuned": {m: v for m, v in (tuned or {}).get("modes", {}).items() if m in modes},
@@ -290,7 +290,7 @@ class ExperimentRunner:
             _stopped(result)
 
         return Stage("metatrain", f"arm {ac.arm.name}: {describe_learner(ac.cfg)}", check, run,
-                     _budget(ac.cfg.meta.max_minutes, ac.cfg.meta.steps))
+                     _budget(ac.cfg.meta.max_minutes, meta_steps(ac.cfg)))
 
     def _tune_groups(self) -> list[list[ArmConfig]]:
         """Arms grouped by the checkpoint their baselines are tuned on (one group in practice)."""

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from ..checkpoint import latest_checkpoint
-from ..config import Config, to_dict
+from ..config import Config, meta_steps, to_dict
 from ..textio import read_text
 from .configs import _mismatches
 
@@ -33,7 +33,7 @@ def _run_progress(ck: dict, kind: str, cfg: Config) -> tuple[bool, str]:
         done = (t.max_steps and step >= t.max_steps) or epochs_done or (t.max_minutes and minutes >= t.max_minutes)
     else:
         m = cfg.meta
-        done = step >= m.steps or (m.max_minutes and minutes >= m.max_minutes)
+        done = (meta_steps(cfg) and step >= meta_steps(cfg)) or (m.max_minutes and minutes >= m.max_minutes)
     return bool(done), text
 
 

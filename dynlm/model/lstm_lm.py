@@ -123,7 +123,14 @@ class LSTMLM:
             self._fused[key] = nn.LSTM(key[0], n_h, batch_first=True, device="meta")
         weights = {"weight_ih_l0": w_ih, "weight_hh_l0": w_hh, "bias_ih_l0": b, "bias_hh_l0": torch.zeros_like(b)}
         h0, c0 = state
-        out, (h, c) = functional_call(self._fused[key], weights, (x, (h0.unsqueeze(0), c0.unsqueeze(0))))
+        args = (x, (h0.unsqueeze(0), c0.unsqueeze(0)))
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            # CPU autocast sends nn.LSTM to oneDNN's bf16 LSTM, which CPUs without bf16 instructions lack
+            # ("could not create a primitive descriptor"): there it runs in the weights' float32
+            with torch.autocast("cpu", enabled=False):
+                out, (h, c) = functional_call(self._fused[key], weights, _args_to(args, w_ih.dtype))
+        else:
+            out, (h, c) = functional_call(self._fused[key], weights, args)
         return out, (h.squeeze(0), c.squeeze(0))
 
     def nll(self, params: Params, out: Tensor, targets: Tensor) -> Tensor:
@@ -193,6 +200,12 @@ def _linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
     if b is None:
         return y
     return y + (b if b.dim() == 1 else b.view(b.shape[0], *([1] * (y.dim() - 2)), b.shape[-1]))
+
+
+def _args_to(args, dtype: torch.dtype):
+    """(x, (h, c)) in `dtype`."""
+    x, (h, c) = args
+    return x.to(dtype), (h.to(dtype), c.to(dtype))
 
 
 def lstm_layer_loop(x: Tensor, state, w_ih: Tensor, w_hh: Tensor, b: Tensor):

@@ -19,7 +19,7 @@ import torch
 
 from .. import distributed as D
 from ..checkpoint import CheckpointError, check_model_matches, load_checkpoint
-from ..config import Config, ConfigError, check_rule_layers
+from ..config import Config, ConfigError, check_rule_layers, meta_steps
 from ..data.streams import StreamLayout
 from ..data.tokenizers import load_tokenizer
 from ..prequential import perplexity, score
@@ -32,7 +32,7 @@ from .loop import Callback, Run, reading_positions, stream_layout
 
 RESUME_MUST_MATCH = ("model", "data", "rule.learner", "rule.learner_hidden", "rule.learner_features", "rule.layers",
                      "rule.weights", "meta.batch_size",
-                     "meta.chunk", "meta.boundary", "meta.seed")
+                     "eval.segment_length", "meta.boundary", "meta.seed")
 RESUME_MAY_DIFFER = ("data.cache_dir", "data.path")
 
 
@@ -40,6 +40,8 @@ def check_meta_config(cfg: Config) -> None:
     """What no single field's declaration (config.py) can say: a ConfigError before any work."""
     check_rule_layers(cfg)
     m = cfg.meta
+    if not (m.steps or m.max_tokens or m.max_minutes):
+        raise ConfigError("nothing to meta-train: set meta.steps, meta.max_tokens or meta.max_minutes")
     if (m.ewc_lambda or m.consolidation == "input") and m.boundary != "continuous":
         what = f"meta.ewc_lambda={m.ewc_lambda:g}" if m.ewc_lambda else "meta.consolidation=input"
         raise ConfigError(f"{what} is a consolidation of continuous reading; it needs meta.boundary=continuous, "
@@ -56,20 +58,20 @@ def fisher_roles(m) -> tuple[bool, bool]:
 
 
 def meta_layout(articles, cfg: Config, eos_id: int, epoch: int, dinfo: D.DistInfo = D.DistInfo()) -> StreamLayout:
-    """Epoch `epoch`'s reading order, as this rank's share of meta.batch_size streams of meta.chunk tokens."""
+    """Epoch `epoch`'s reading order, as this rank's share of meta.batch_size streams of eval.segment_length tokens."""
     m = cfg.meta
-    return stream_layout(articles, m.seed, m.batch_size, m.chunk, eos_id, epoch, m.boundary == "reset", dinfo,
+    return stream_layout(articles, m.seed, m.batch_size, cfg.eval.segment_length, eos_id, epoch, m.boundary == "reset", dinfo,
                          "meta.batch_size")
 
 
 def ewc_fisher(lm, params, articles, cfg: Config, names, eos_id, device) -> dict:
     """Diagonal empirical Fisher of the per-token loss, in the units of standard EWC (Kirkpatrick et
     al. 2017): F = E[(d loss_token / d theta)^2], estimated from the squared gradient of each training
-    segment's mean loss (one stream, meta.chunk tokens), which is about F / meta.chunk when the tokens'
-    gradients are independent: F = meta.chunk * E[g_segment^2]."""
-    layout = StreamLayout(articles, cfg.meta.batch_size, cfg.meta.chunk, eos_id)
+    segment's mean loss (one stream, eval.segment_length tokens), which is about F / eval.segment_length when the tokens'
+    gradients are independent: F = eval.segment_length * E[g_segment^2]."""
+    layout = StreamLayout(articles, cfg.meta.batch_size, cfg.eval.segment_length, eos_id)
     rms = compute_grad_rms(lm, params, layout, names, cfg.meta.ewc_chunks, device, stat="stream")
-    return {k: cfg.meta.chunk * v.pow(2) for k, v in rms.items()}
+    return {k: cfg.eval.segment_length * v.pow(2) for k, v in rms.items()}
 
 
 def consolidation_input(fisher: dict) -> dict:
@@ -97,7 +99,7 @@ def metatrain(cfg: Config, run_dir: Path, init: Path | None = None, resume: bool
     """Meta-train the learned rule; returns a result dict (on every rank). result['stopped_by']
     names the signal when SIGINT/SIGTERM ended the run early (after saving a checkpoint)."""
     check_meta_config(cfg)
-    with D.session(cfg.train.device) as (dinfo, device):
+    with D.session(cfg.run.device) as (dinfo, device):
         return _metatrain(cfg, Path(run_dir), Path(init) if init else None, resume, dinfo, device, callbacks)
 
 
@@ -126,10 +128,10 @@ def _metatrain(cfg: Config, run_dir: Path, init: Path | None, resume: bool, dinf
     run.announce(f"meta-learner ({cfg.rule.learner}, hidden {cfg.rule.learner_hidden}): "
                  f"{sum(p.numel() for p in rule.parameters())} parameters, rewriting {len(names)} tensors "
                  f"({sum(trainer.theta0[k].numel() for k in names):,} weights) per stream; K={m.unroll}, "
-                 f"chunk={m.chunk}, {'second' if m.second_order else 'first'}-order, boundary={m.boundary}"
+                 f"chunks of {cfg.eval.segment_length} tokens, {'second' if m.second_order else 'first'}-order, boundary={m.boundary}"
                  + (", checkpointed" if m.checkpoint else "") + (f", EWC penalty {m.ewc_lambda}" if trainer.fisher else "")
                  + (", Fisher as the learner's input" if rule.consolidation else ""))
-    stopped_by = run.loop(trainer, "metatrain", m.steps)
+    stopped_by = run.loop(trainer, "metatrain", meta_steps(cfg) or None)
     ckpt_dir = run.ckpt_dir
     ckpt = ckpt_dir / ("best.pt" if (ckpt_dir / "best.pt").exists() else "last.pt")
     return run.finish({"steps": run.state.step, "minutes": run.minutes(), "tokens": run.state.tokens,
@@ -204,7 +206,8 @@ class MetaTrainer:
 
     def done(self) -> bool:
         m = self.m
-        return self.run.state.step >= m.steps or bool(m.max_minutes) and self.run.minutes() > m.max_minutes
+        limit = meta_steps(self.run.cfg)
+        return bool(limit) and self.run.state.step >= limit or bool(m.max_minutes) and self.run.minutes() > m.max_minutes
 
     def step(self) -> tuple[bool, bool]:
         """One meta-step; returns (validation due, save due): every meta.eval_every and

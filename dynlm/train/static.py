@@ -53,8 +53,8 @@ def check_train_config(cfg: Config) -> None:
     t = cfg.train
     if not (t.max_steps or t.epochs or t.max_minutes):
         raise ConfigError("nothing to train: set train.max_steps, train.epochs or train.max_minutes")
-    if t.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={t.device} but CUDA is not available on this machine")
+    if cfg.run.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"run.device={cfg.run.device} but CUDA is not available on this machine")
 
 
 def warn_long_warmup(t, total_steps: int) -> None:
@@ -70,7 +70,7 @@ def train_static(cfg: Config, run_dir: Path, resume: bool = False, callbacks: tu
     """Train; returns a result dict (also on rank != 0). result['stopped_by'] names the signal when
     SIGINT/SIGTERM ended the run early (after saving a checkpoint), else None."""
     check_train_config(cfg)
-    with D.session(cfg.train.device) as (dinfo, device):
+    with D.session(cfg.run.device) as (dinfo, device):
         return _train(cfg, Path(run_dir), resume, dinfo, device, callbacks)
 
 
@@ -177,7 +177,7 @@ class StaticTrainer:
         state = reset_rows(self.hidden, chunk.new_article) if t.boundary == "reset" else self.hidden
         state = [(h.detach(), c.detach()) for h, c in state]  # truncated BPTT
         n_global = D.all_reduce_sum(int(chunk.mask.sum()))  # every rank divides by the global count: exact mean gradient
-        with autocast(run.device, t.bf16):
+        with autocast(run.device, run.cfg.run.bf16):
             out, state = lm.hidden(params, chunk.inputs, state, train=True)
             nll = lm.nll(params, out, chunk.targets)  # (B, T)
         loss = run.on_loss((nll * chunk.mask).sum() / max(n_global, 1))
@@ -218,7 +218,7 @@ class StaticTrainer:
         if self.my_valid:
             s = score(self.lm, {k: v.detach() for k, v in self.params.items()}, self.my_valid, eos_id=self.eos_id,
                       segment_length=e.segment_length, batch_size=e.batch_size, boundary=e.boundary,
-                      device=run.device, bf16=self.t.bf16, desc="valid")
+                      device=run.device, bf16=self.run.cfg.run.bf16, desc="valid")
             nll_sum, n = float(s.nll.sum()), len(s.nll)
         ppl = perplexity(D.all_reduce_sum(nll_sum), D.all_reduce_sum(n))
         return ppl, {"valid/ppl": ppl, "train/minutes": run.minutes(), "train/skipped_steps": run.guard.skipped}
