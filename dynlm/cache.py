@@ -30,7 +30,7 @@ class CacheSettings:
     theta: float  # flatness: larger = sharper attention on the most similar hidden states
     lam: float  # interpolation weight of the cache distribution
 
-    def __post_init__(self):  # the ranges are rule.cache_*'s, declared once in config.py
+    def __post_init__(self):  # the ranges are rule.cache_*'s, declared once in config/schema.py
         RuleConfig(cache_window=self.window, cache_theta=self.theta, cache_lambda=self.lam)
 
     @classmethod

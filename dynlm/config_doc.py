@@ -1,5 +1,5 @@
 """`dynlm config`: the resolved configuration as YAML, every key with its one-line doc and, where the
-value is not the default, the default. The docs are the field comments of config.py (and the
+value is not the default, the default. The docs are the field comments of config/schema.py (and the
 dataclasses' docstrings for the sections), read from its source, so they are written in one place."""
 from __future__ import annotations
 

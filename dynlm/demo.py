@@ -11,7 +11,8 @@ from .modes import parse_mode, tuned_keys
 from .evaluate import evaluate_checkpoint
 from .train.meta import metatrain
 from .train.static import train_static
-from .tune import tune_checkpoint, tuned_in_effect, tuned_path
+from .tune import tune_checkpoint
+from .tuned import tuned_in_effect, tuned_path
 
 
 def run_demo(cfg: Config, run_dir: Path) -> dict:

@@ -1,5 +1,6 @@
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,8 +55,12 @@ def test_functional_model_equals_nn_lstm_model(softmax):
 @pytest.mark.slow
 def test_bench_writes_every_ratio_and_memory_row(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert main(["bench", "--out", str(out), "--device", "cpu", *TINY_BENCH]) == 0
+    assert main(["bench", "--out", str(out), "--device", "cpu", *TINY_BENCH, "--bench.profile=[learned_ff_seg6]",
+                 "--bench.profile_calls=1"]) == 0
     result = json.loads(out.read_text())
+    # where the learned row's time goes: torch.profiler's operators, by self time
+    profile = Path(result["profiles"]["learned_ff_seg6"]).read_text()
+    assert profile.startswith("# online learned ff") and "Self CPU" in profile and "aten::" in profile
     for key in REQUIRED_RATIOS:
         assert key in result["ratios"], key
         assert math.isfinite(result["ratios"][key]) and result["ratios"][key] > 0, (key, result["ratios"][key])
@@ -83,6 +88,13 @@ def test_bench_writes_every_ratio_and_memory_row(tmp_path, capsys):
     assert "commit" in result["git"] and "dirty" in result["git"]
     assert result["config"]["bench"]["batch_size"] == 2
     assert "| dyneval_vs_static_train |" in capsys.readouterr().out  # the printed table
+
+
+def test_profiling_a_row_the_bench_does_not_have_is_a_one_line_error(tmp_path, capsys):
+    assert main(["bench", "--out", str(tmp_path / "b.json"), "--device", "cpu", *TINY_BENCH,
+                 "--bench.profile=[learned_seg6]"]) == 2
+    assert capsys.readouterr().err.startswith("dynlm bench: error: bench.profile: no row 'learned_seg6'; rows: static_train")
+    assert not (tmp_path / "b.json").exists()
 
 
 def test_bench_bad_config_exits_2(tmp_path, capsys):

@@ -136,7 +136,7 @@ def test_overrides_in_both_usual_forms_and_a_list_shows_its_syntax(tmp_path, cap
 
 # ---------------------------------------------------------------- issue 16, kind 2: paths are taken literally
 def test_every_string_key_keeps_exactly_the_string_given():
-    from dynlm.config import _bare, _hints, field_hint
+    from dynlm.config.messages import _bare, _hints, field_hint
 
     def string_keys(cls, prefix=()):
         for name, hint in _hints(cls).items():

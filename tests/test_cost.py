@@ -49,7 +49,7 @@ def test_per_stream_weights_make_meta_training_move_more_bytes_per_token():
     vocab, cfg = 50, tiny_config(batch_size=8, bptt=10)
     cfg.meta.batch_size, cfg.meta.unroll, cfg.eval.segment_length, cfg.rule.compile = 8, 2, 10, False
     static, meta = static_training_cost(cfg, vocab), meta_training_cost(cfg, vocab)
-    h, e = cfg.model.hidden_size, cfg.model.emb_size
+    h = cfg.model.hidden_size
     w_hh = 4 * (4 * h * h) * 2  # both layers' recurrent matrices, float32
     # each stream reads its own recurrent matrices at every token, forward and backward
     assert meta["traffic_per_token"] >= 2 * w_hh

@@ -1,7 +1,6 @@
 """Data layer tests: strict article splitting, every source, tokenizers, cache, clear errors."""
 import json
 import os
-import warnings
 from collections import Counter
 from pathlib import Path
 

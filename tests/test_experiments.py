@@ -24,7 +24,8 @@ from dynlm.experiments.registry import experiment_file
 from dynlm.model import LSTMLM
 from dynlm.modes import protocol_of
 from dynlm.rules import adapted_names, make_rule
-from dynlm.unroll import chunk_step, start_reader
+from dynlm.reader import start_reader
+from dynlm.unroll import chunk_step
 
 WT103_VOCAB = 267_735  # WikiText-103's word vocabulary: the embedding and softmax size at paper scale
 

@@ -16,7 +16,7 @@ import torch
 import dynlm.rules.learned as L
 from dynlm.config import RuleConfig
 from dynlm.rules import make_rule
-from dynlm.rules.learned import FEATURE_SETS, LearnedRule, linear_gated_update, magnitude_gated_update
+from dynlm.rules.learned import FEATURE_SETS, LearnedRule, linear_gated_update
 
 SHAPES = {"a": (4, 8), "b": (16,)}
 GRAD_SCALE = {"a": 1.0, "b": 100.0}

@@ -3,7 +3,6 @@ import json
 import math
 
 import pytest
-import torch
 
 from conftest import TINY
 from dynlm.cli import main

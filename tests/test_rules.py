@@ -8,7 +8,8 @@ from dynlm.model import LSTMLM
 from dynlm.rules import DynEvalRule, LearnedRule, SGDRule, make_rule
 from dynlm.rules.base import Rule
 from dynlm.rules.learned import preconditioned_step
-from dynlm.unroll import chunk_step, start_reader
+from dynlm.reader import start_reader
+from dynlm.unroll import chunk_step
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,8 @@ import torch
 from dynlm.data.articles import Article
 from dynlm.data.streams import Chunk, StreamLayout
 from dynlm.rules import LearnedRule
-from dynlm.unroll import Stepper, TruncatedUnroll, replay_held
+from dynlm.reader import replay_held
+from dynlm.unroll import Stepper, TruncatedUnroll
 
 from test_rules import _float64, tiny_lm  # noqa: F401 (the autouse float64 fixture and the tiny model)
 

@@ -13,6 +13,7 @@ from ..textio import write_json
 from ..device import resolve_device
 from ..roofline import triad_bandwidth
 from .memory import run_memory_probes
+from .profile import check_profiled_rows, profile_rows
 from .report import _bound, _threads, _vs_static_eval, git_info, machine_info, markdown, ratios
 from .workloads import Bench, build_workloads, check_bench_config, time_workloads, uses_bf16
 
@@ -20,6 +21,7 @@ def run_bench(cfg: Config, out: Path) -> dict:
     """Measure, print the tables, write `out` (JSON); returns the result."""
     check_bench_config(cfg)
     device = resolve_device(cfg.bench.device)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     b = cfg.bench
     start = time.perf_counter()
     with _threads(b.threads):
@@ -30,9 +32,11 @@ def run_bench(cfg: Config, out: Path) -> dict:
               f"{cfg.eval.segment_length}/{b.short_segment}, K={cfg.meta.unroll}, {device}, "
               f"{torch.get_num_threads()} thread(s)", flush=True)
         workloads = build_workloads(bench)
+        check_profiled_rows(b.profile, [w.name for w in workloads])
         phases = {"setup": time.perf_counter() - start}
         time_workloads(workloads, bench, b.repeats, b.warmup)
         phases["throughput"] = time.perf_counter() - start - sum(phases.values())
+        profiles = profile_rows(workloads, b.profile, b.profile_calls, bench, Path(out).parent) if b.profile else {}
         bandwidth = triad_bandwidth(device)
         print(f"memory bandwidth (STREAM triad): {bandwidth / 1e9:,.1f} GB/s", flush=True)
         static = next(w for w in workloads if w.name == "static_train").tokens_per_s()
@@ -59,14 +63,13 @@ def run_bench(cfg: Config, out: Path) -> dict:
     if hasattr(os, "getloadavg"):
         info["load_average_at_end"] = os.getloadavg()
     result = {"machine": info, "git": git_info(), "settings": settings, "config": to_dict(cfg),
-              "throughput": throughput, "memory": memory,
+              "throughput": throughput, "memory": memory, "profiles": profiles,
               "ratios": ratios(throughput, memory_rows, cfg.eval.segment_length, cfg.bench.short_segment),
               "seconds": {**phases, "total": time.perf_counter() - start}}
     table = markdown(result)
     result["table"] = table
     print("\n" + table, flush=True)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, result)  # strict JSON: a non-finite measurement is null
     print(f"\nwrote {out} ({result['seconds']['total']:.0f} s)")
     return result

@@ -23,7 +23,8 @@ from ..rules import adapted_names, compute_grad_rms, make_rule
 from ..rules.learned import COMPILE_MIN
 from ..roofline import META_TRAFFIC, online_bytes_per_token
 from ..train.meta import meta_parameters
-from ..unroll import Reader, Stepper, TruncatedUnroll, as_dtype
+from ..reader import Reader, as_dtype
+from ..unroll import Stepper, TruncatedUnroll
 from .reference import TorchLSTMLM
 
 POOL_CHUNKS = 8  # distinct chunks per shape, read in turn
@@ -34,7 +35,7 @@ HEADLINE_RATIOS = ("dyneval_vs_static_train", "learned_vs_dyneval", "learned_vs_
 
 # ---- configuration checks -------------------------------------------------------------------------
 def check_bench_config(cfg: Config) -> None:
-    """ConfigError (exit code 2) for what no field's declaration (config.py) can say: this machine's devices."""
+    """ConfigError (exit code 2) for what no field's declaration (config/schema.py) can say: this machine's devices."""
     b = cfg.bench
     if b.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"bench.device={b.device} but CUDA is not available on this machine")

@@ -256,7 +256,7 @@ def build_tokenizer(cfg, train_articles: list[RawArticle], out_dir: str | Path) 
     failed build leaves nothing there)."""
     if cfg.tokenizer == "sentencepiece":
         tok: Tokenizer = SentencePieceTokenizer.build(train_articles, cfg.sp_vocab_size, cfg.sp_model_type)
-    else:  # data.tokenizer is word or sentencepiece (config.py)
+    else:  # data.tokenizer is word or sentencepiece (config/schema.py)
         tok = WordTokenizer.build(train_articles)
     tok.save(out_dir)
     return tok

@@ -1,7 +1,7 @@
 """`dynlm experiment NAME`: one command per experiment of Wolf, Chaumond & Delangue (2018), at
 CPU scale (WikiText-2, a small model) or paper scale (WikiText-103, an AWD-LSTM-sized model, GPU).
 
-An experiment is a list of YAML override files from experiments/ (the defaults stay in config.py)
+An experiment is a list of YAML override files from experiments/ (the defaults stay in config/schema.py)
 and a pipeline of stages, each run through the same function as its own CLI command:
 
     prepare    data + tokenizer of the base model          train.setup.prepare_data

@@ -1,5 +1,5 @@
 """The experiments of Wolf, Chaumond & Delangue (2018) that `dynlm experiment` runs: per experiment,
-its YAML override files (experiments/*.yaml; the defaults stay in config.py) at each scale, the modes
+its YAML override files (experiments/*.yaml; the defaults stay in config/schema.py) at each scale, the modes
 it evaluates, the baselines it tunes and the arms it compares. Light to import (the CLI lists it)."""
 from __future__ import annotations
 

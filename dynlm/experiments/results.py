@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..textio import number, read_text
 from ..modes import PROTOCOLS
-from ..tune import article_range
+from ..tuned import article_range
 from .registry import CORPUS, EXPERIMENTS, SCALES, SPLIT
 from .configs import RECORD, _read_json
 

@@ -16,7 +16,8 @@ from ..train.meta import metatrain
 from ..train.setup import prepare_data
 from ..train.static import train_static
 from ..modes import parse_mode
-from ..tune import TUNABLE, explicit_rule_keys, mode_grids, read_tuned, tuned_path
+from ..tune import mode_grids
+from ..tuned import TUNABLE, explicit_rule_keys, read_tuned, tuned_path
 from .registry import WORD_VOCAB, CORPUS, EXPERIMENTS, SPLIT, Experiment, at_scale
 from .configs import (BASELINE_RULE, RECORD, ArmConfig, _digest, _read_json, _select, _write_json, experiment_configs,
                       meta_key, static_key, weights_fingerprint)

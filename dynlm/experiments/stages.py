@@ -19,7 +19,8 @@ from ..evaluate import evaluate_checkpoint
 from ..modes import parse_mode, protocol_of
 from ..report import render_report
 from ..textio import open_csv
-from ..tune import article_range, read_tuned, tune_checkpoint, tune_dir, tune_order, tuned_in_effect, tuned_path
+from ..tune import tune_checkpoint, tune_order
+from ..tuned import article_range, read_tuned, tune_dir, tuned_in_effect, tuned_path
 from .configs import RECORD, ArmConfig, _read_json, _write_json, weights_fingerprint
 from .registry import SPLIT
 from .results import compare_summaries

@@ -32,7 +32,7 @@ from .tables import Report, improvement_by_position, load_tokens, per_article_re
 
 def render_report(eval_dir: Path, cfg: ReportConfig | None = None) -> Report:
     """Write the report files into `eval_dir`; return what was written (for the trackers)."""
-    cfg = cfg or ReportConfig()  # its values were checked when it was built (config.py)
+    cfg = cfg or ReportConfig()  # its values were checked when it was built (config/schema.py)
     eval_dir = Path(eval_dir)
     t = load_tokens(eval_dir)
     report = Report(eval_dir, t.modes, per_article=per_article_results(eval_dir, t))

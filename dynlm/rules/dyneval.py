@@ -84,7 +84,7 @@ def compute_grad_rms(lm, params, layout, names: list[str], n_chunks: int, device
     batch statistic); boundary="reset" zeroes the hidden state of streams that start an article.
     Meta-training's EWC Fisher uses this one.
     """
-    from ..unroll import reset_rows  # local: the unroll imports the rules package
+    from ..reader import reset_rows  # local: the reader imports the rules package
 
     if stat not in GRAD_STATS:
         raise ValueError(f"gradient statistic {stat!r}; valid: {', '.join(GRAD_STATS)}")

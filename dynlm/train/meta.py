@@ -27,7 +27,8 @@ from ..model import LSTMLM
 from ..progress import interactive
 from ..rules import adapted_names, compute_grad_rms, learner_parameters, make_rule, with_consolidation
 from ..rules.base import StaticRule
-from ..unroll import HeldUpdate, Reader, Stepper, TruncatedUnroll
+from ..reader import HeldUpdate, Reader
+from ..unroll import Stepper, TruncatedUnroll
 from .loop import Callback, Run, reading_positions, stream_layout
 
 RESUME_MUST_MATCH = ("model", "data", "rule.learner", "rule.learner_hidden", "rule.learner_features", "rule.layers",
@@ -37,7 +38,7 @@ RESUME_MAY_DIFFER = ("data.cache_dir", "data.path")
 
 
 def check_meta_config(cfg: Config) -> None:
-    """What no single field's declaration (config.py) can say: a ConfigError before any work."""
+    """What no single field's declaration (config/schema.py) can say: a ConfigError before any work."""
     check_rule_layers(cfg)
     m = cfg.meta
     if not (m.steps or m.max_tokens or m.max_minutes):

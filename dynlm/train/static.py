@@ -23,7 +23,7 @@ from ..device import autocast
 from ..prequential import perplexity, score
 from ..model import LSTMLM
 from ..progress import interactive
-from ..unroll import as_dtype, reset_rows
+from ..reader import as_dtype, reset_rows
 from .loop import Callback, Run, reading_positions, stream_layout
 
 # A resumed run must read the same data in the same layout with the same model; everything else
@@ -49,7 +49,7 @@ def epoch_layout(articles, cfg: Config, eos_id: int, epoch: int, dinfo: D.DistIn
 
 
 def check_train_config(cfg: Config) -> None:
-    """What no single field's declaration (config.py) can say: a ConfigError before any work."""
+    """What no single field's declaration (config/schema.py) can say: a ConfigError before any work."""
     t = cfg.train
     if not (t.max_steps or t.epochs or t.max_minutes):
         raise ConfigError("nothing to train: set train.max_steps, train.epochs or train.max_minutes")

@@ -1,23 +1,19 @@
-"""Typed configuration: every default lives here; YAML files and `--section.key=value` flags only override.
+"""The config schema: one typed dataclass per section, every default and every allowed value here.
 
 Each field declares its type, its allowed values (a Literal) and its range (Field(ge=..)) once, on the
 field; pydantic checks them whenever a config is built (load_config, from_dict, a constructor or
 dataclasses.replace), so no command has to check them again. Scalars are strict: `true` is not 1 and
-`8` is not "8". Unknown keys and wrong values are a ConfigError of one line naming where the value came
-from (the YAML file and its line, the --override, or the checkpoint) and the key.
+`8` is not "8".
 """
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 import re
 import typing
 from dataclasses import field
-from pathlib import Path
 from typing import Annotated, Literal
 
-import yaml
 from pydantic import AfterValidator, ConfigDict, Field, Strict, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass as _pydantic_dataclass
 
@@ -72,6 +68,7 @@ def config_class(cls):
         try:
             validated_init(self, *args, **kwargs)
         except ValidationError as e:
+            from .messages import describe  # (messages imports this module)
             raise ConfigError(describe(e, type(self))) from None
 
     cls.__init__ = __init__
@@ -227,7 +224,8 @@ class TuneConfig:
     grids: dict[str, dict[str, list[Float]]] = field(default_factory=dict)  # a mode's own grids, {MODE: {AXIS: [values]}}, over the shared ones above
 
     def __post_init__(self):
-        hints = _hints(TuneConfig)
+        from .messages import _problem  # (messages imports this module)
+        hints = typing.get_type_hints(TuneConfig, include_extras=True)
         for mode, axes in self.grids.items():
             for axis, values in axes.items():
                 if axis not in GRID_AXES:
@@ -301,6 +299,8 @@ class BenchConfig:
     memory_parallel: Count = 2  # probe subprocesses at once on CPU (each measures its own RSS)
     memory_timeout_s: PosFloat = 600.0  # per memory probe subprocess
     seed: Int = 0  # of the random tokens and weights
+    profile: list[str] = field(default_factory=list)  # rows to profile after timing (e.g. [learned_ff_seg20]): torch.profiler's top operators, profile_ROW.txt beside the JSON
+    profile_calls: Count = 3  # timed calls per profiled row
 
 
 @config_class
@@ -345,236 +345,6 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-# --- the schema, as the error messages and the override parser need it ---------------------------------
-def _hints(cls) -> dict:
-    return typing.get_type_hints(cls, include_extras=True)
-
-
-def _bare(hint):
-    """int for Annotated[int, ...]; the hint itself otherwise."""
-    while typing.get_origin(hint) is Annotated:
-        hint = typing.get_args(hint)[0]
-    return hint
-
-
-def _sections(cls: type, prefix: str = "") -> None:
-    _SECTION[cls] = prefix
-    for name, hint in _hints(cls).items():
-        if dataclasses.is_dataclass(_bare(hint)):
-            _sections(_bare(hint), f"{prefix}{name}.")
-
-
-_sections(Config)
-
-
-def field_hint(path: tuple, cls: type = Config):
-    """The declared type of the key at `path` (('data', 'path')), None for a key the schema lacks."""
-    hint = cls
-    for name in path:
-        hint = _bare(hint)
-        if not (dataclasses.is_dataclass(hint) and isinstance(name, str) and name in _hints(hint)):
-            return None
-        hint = _hints(hint)[name]
-    return hint
-
-
-def is_text(hint) -> bool:
-    """A str-valued key (a path, a name, a choice): its override value is taken literally, never as YAML."""
-    hint = _bare(hint)
-    choices = typing.get_args(hint) if typing.get_origin(hint) is Literal else ()
-    return hint is str or (bool(choices) and all(isinstance(c, str) for c in choices))
-
-
-# --- one line per problem ------------------------------------------------------------------------------
-def _dotted(loc: tuple) -> str:
-    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
-
-
-def _list_example(value) -> str:
-    """How a list is written, from what was given: 100,150 -> [100,150]."""
-    text = str(value).strip()
-    return f"[{text.strip('()[]')}]" if text else "[]"
-
-
-def _unknown_key(loc: tuple, cls: type) -> str:
-    full = tuple(filter(None, _SECTION.get(cls, "").split("."))) + tuple(loc)
-    if full in MOVED:
-        return f"{_dotted(full)} is now {_dotted(MOVED[full])}"
-    parent = field_hint(loc[:-1], cls)
-    names = list(_hints(_bare(parent))) if parent is not None else []
-    section = _SECTION.get(cls, "") + _dotted(loc[:-1])
-    key = f"{section}.{loc[-1]}" if section else str(loc[-1])
-    close = difflib.get_close_matches(str(loc[-1]), names, n=1)
-    if close:
-        return f"unknown config key {key} (did you mean {f'{section}.' if section else ''}{close[0]}?)"
-    return f"unknown config key {key}; valid keys under {section or 'the top level'}: {', '.join(names)}"
-
-
-# pydantic's error types in our words; {v} is the value given (repr), {ctx} pydantic's details of the error
-_PROBLEMS = {
-    "int_type": "expected int, got {v}", "int_parsing": "expected int, got {v}",
-    "int_from_float": "expected int, got {v}",
-    "float_type": "expected float (a number), got {v}", "float_parsing": "expected float (a number), got {v}",
-    "finite_number": "expected a finite number, got {v}",
-    "bool_type": "expected true/false, got {v}", "bool_parsing": "expected true/false, got {v}",
-    "string_type": "expected a string, got {v} (quote it in YAML)",
-    "dataclass_type": "expected a mapping of keys, got {v}",
-    "dataclass_args_type": "expected a mapping of keys, got {v}",
-    "string_too_short": "must not be empty",
-    "too_short": "expected at least {ctx[min_length]} value(s), got {v}",
-    "greater_than_equal": "must be >= {ctx[ge]}, got {v}", "greater_than": "must be > {ctx[gt]}, got {v}",
-    "less_than_equal": "must be <= {ctx[le]}, got {v}", "less_than": "must be < {ctx[lt]}, got {v}",
-    "value_error": "{v}: {ctx[error]}",
-}
-
-
-def _problem(err: dict) -> str:
-    """What is wrong with the value, in the schema's words."""
-    kind, value, ctx = err["type"], err.get("input"), err.get("ctx") or {}
-    if isinstance(ctx.get("error"), Conflict):
-        return str(ctx["error"])
-    if kind == "literal_error":
-        choices = re.findall(r"'([^']*)'", ctx.get("expected", ""))
-        return f"{value!r} is not one of {', '.join(choices)}"
-    if kind in ("list_type", "list_parsing"):
-        return f"expected a list, written {_list_example(value)}, got {value!r}"
-    if kind in _PROBLEMS:
-        return _PROBLEMS[kind].format(v=repr(value), ctx=ctx)
-    return f"{err['msg']}, got {value!r}"
-
-
-def _where(origins: dict | None, loc: tuple) -> str | None:
-    """Where the value at `loc` (or the section holding it) came from."""
-    for n in range(len(loc), 0, -1):
-        if origins and loc[:n] in origins:
-            return origins[loc[:n]]
-    return None
-
-
-def describe(e: ValidationError, cls: type = Config, origins: dict | None = None) -> str:
-    """One line for the first problem of a ValidationError of `cls`: where, the key, what is wrong."""
-    errors = e.errors()
-    err = errors[0]
-    loc = tuple(err["loc"])
-    conflict = (err.get("ctx") or {}).get("error")
-    if isinstance(conflict, Conflict):  # a __post_init__'s: it names its key
-        loc += conflict.path
-    more = f" (and {len(errors) - 1} more problem{'s' * (len(errors) > 2)})" if len(errors) > 1 else ""
-    where = _where(origins, loc)
-    if err["type"] == "unexpected_keyword_argument":
-        text = _unknown_key(loc, cls)
-    else:
-        key = _SECTION.get(cls, "") + _dotted(loc)
-        text = f"{_problem(err)}" if where == f"--{key}" else f"{key}: {_problem(err)}"
-    return f"{where}: {text}{more}" if where else f"{text}{more}"
-
-
-def _validated(cls, data: dict, origins: dict | None = None):
-    try:
-        return cls.__pydantic_validator__.validate_python(data)
-    except ValidationError as e:
-        raise ConfigError(describe(e, cls, origins)) from None
-
-
-def from_dict(cls, data: dict, where: str = ""):
-    """Build config class `cls` from a (possibly partial) nested dict, strictly; `where` names its source."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
-    return _validated(cls, data, {(k,): where.rstrip(": ") for k in data} if where else None)
-
-
-def merge(base: dict, override: dict) -> dict:
-    out = dict(base)
-    for k, v in override.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-# --- YAML: files and override values -----------------------------------------------------------------
-class _ConfigLoader(yaml.SafeLoader):
-    """YAML's safe loader, except that a key given twice in one mapping is an error, not a silent override,
-    and 1e-3 is a number (YAML 1.1 wants a dot: 1.0e-3), as everyone writes it."""
-
-
-def _construct_mapping(loader, node, deep=False):
-    seen = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice", key_node.start_mark)
-        seen.add(key)
-    return yaml.SafeLoader.construct_mapping(loader, node, deep)
-
-
-_ConfigLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-_ConfigLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."))
-
-
-def _yaml_problem(e: yaml.YAMLError) -> tuple[str, int | None]:
-    mark = getattr(e, "problem_mark", None)
-    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-    return problem, (mark.line + 1 if mark is not None else None)
-
-
-def _key_lines(node, path: tuple, lines: dict) -> None:
-    """{('train', 'lr'): 3, ...}: the line of every key of a YAML mapping, for the error messages."""
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            if not isinstance(key_node, yaml.ScalarNode):
-                continue
-            key = path + (key_node.value,)
-            lines[key] = key_node.start_mark.line + 1
-            _key_lines(value_node, key, lines)
-
-
-def load_yaml(path: str | Path) -> tuple[object, dict]:
-    """A YAML file (UTF-8, a byte-order mark allowed) as (data, the line of each key); malformed YAML or a
-    repeated key is a ConfigError naming the file and line."""
-    path = Path(path)
-    try:
-        loader = _ConfigLoader(path.read_text(encoding="utf-8-sig"))
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read it ({e})") from None
-    try:
-        node = loader.get_single_node()
-        data = loader.construct_document(node) if node is not None else None
-    except yaml.YAMLError as e:
-        problem, line = _yaml_problem(e)
-        raise ConfigError(f"{path}{f', line {line}' if line else ''}: not valid YAML ({problem})") from None
-    finally:
-        loader.dispose()
-    lines: dict = {}
-    _key_lines(node, (), lines)
-    return data, lines
-
-
-def parse_value(raw: str, key: str):
-    """An override's value for `key`: literally for str-valued keys (a path keeps its `#` and spaces),
-    as YAML otherwise (numbers, true/false, [lists])."""
-    hint = field_hint(tuple(key.split(".")))
-    if raw == "" or (hint is not None and is_text(hint)):
-        return raw
-    try:
-        return yaml.load(raw, Loader=_ConfigLoader)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"--{key}={raw}: not a valid value ({_yaml_problem(e)[0]})") from None
-
-
-def parse_override(text: str) -> dict:
-    """'train.lr=1e-3' -> {'train': {'lr': 0.001}}; see parse_value."""
-    key, sep, raw = text.lstrip("-").partition("=")
-    if not sep or not key:
-        raise ConfigError(f"override {text!r} is not of the form section.key=value")
-    node: dict = {}
-    cur = node
-    parts = key.split(".")
-    for p in parts[:-1]:
-        cur = cur.setdefault(p, {})
-    cur[parts[-1]] = parse_value(raw, key)
-    return node
-
 
 # keys that moved: a checkpoint's config is migrated; a YAML file or an override that uses the old key
 # gets an error naming the new one
@@ -595,60 +365,3 @@ def step_limit(steps: int, max_tokens: int, tokens_per_step: int) -> int:
     if max_tokens:
         limits.append(max(1, max_tokens // tokens_per_step))
     return min(limits, default=0)
-
-
-def migrate(data: dict) -> dict:
-    """A config dict written by an earlier version, in today's keys (checkpoints keep their config).
-    A moved key fills its new place unless the dict already sets that: meta.chunk was the chunk of
-    meta-training and eval.segment_length the segment of evaluation, equal in every shipped config."""
-    for (sec, key), (new_sec, new_key) in MOVED.items():
-        old = data.get(sec)
-        if isinstance(old, dict) and key in old:
-            old = dict(old)
-            value = old.pop(key)
-            new = dict(data.get(new_sec) or {})
-            new.setdefault(new_key, value)
-            data = {**data, sec: old, new_sec: new}
-    rule = data.get("rule")
-    if isinstance(rule, dict) and "dyneval_all_weights" in rule:
-        rule = dict(rule)
-        rule["dyneval_weights"] = "all" if rule.pop("dyneval_all_weights") else "lstm"
-        data = {**data, "rule": rule}
-    return data
-
-
-def _mark(origins: dict, data: dict, label, path: tuple = ()) -> None:
-    """Record label(path) as where each key of `data` was set (later sources overwrite earlier ones)."""
-    for k, v in data.items():
-        origins[path + (k,)] = label(path + (k,))
-        if isinstance(v, dict):
-            _mark(origins, v, label, path + (k,))
-
-
-def load_config(paths: list[str | Path] = (), overrides: list[str] = (), base: dict | None = None,
-                base_name: str = "the checkpoint's config") -> Config:
-    """Defaults <- `base` dict (e.g. a checkpoint's config, named `base_name` in errors) <- YAML files <-
-    overrides, validated once, at the end: an error names the source that set the bad value last."""
-    data: dict = migrate(base or {})
-    origins: dict = {}
-    _mark(origins, data, lambda _: base_name)
-    for p in paths:
-        p = Path(p)
-        if not p.exists():
-            raise ConfigError(f"config file not found: {p}")
-        loaded, lines = load_yaml(p)
-        loaded = {} if loaded is None else loaded
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: expected a mapping of sections (train:, model:, ...) at top level")
-        _mark(origins, loaded, lambda path, p=p, lines=lines: f"{p}, line {lines[path]}" if path in lines else str(p))
-        data = merge(data, loaded)
-    for o in overrides:
-        node = parse_override(o)
-        key = o.lstrip("-").partition("=")[0]
-        _mark(origins, node, lambda _, key=key: f"--{key}")
-        data = merge(data, node)
-    return _validated(Config, data, origins)
-
-
-def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True), encoding="utf-8")
