@@ -109,8 +109,8 @@ def session(device_name: str = "auto"):
             cleanup()
         raise
     if owned:
-        # every rank leaves together: one that tore its group down while rank 0 still wrote its last
-        # checkpoint was seen, rarely, to die at exit (gloo: "terminate called without an active exception")
+        # every rank leaves together, so none tears its group down while another still communicates (the
+        # abort seen at exit came later, in the interpreter's teardown: see end_launched_process)
         try:
             barrier()
         finally:

@@ -32,8 +32,8 @@ def _run_progress(ck: dict, kind: str, cfg: Config) -> tuple[bool, str]:
         epochs_done = not t.max_steps and t.epochs and (ck.get("epoch") or 0) >= t.epochs  # max_steps wins
         done = (t.max_steps and step >= t.max_steps) or epochs_done or (t.max_minutes and minutes >= t.max_minutes)
     else:
-        m = cfg.meta
-        done = (meta_steps(cfg) and step >= meta_steps(cfg)) or (m.max_minutes and minutes >= m.max_minutes)
+        m, limit = cfg.meta, meta_steps(cfg)
+        done = (limit and step >= limit) or (m.max_minutes and minutes >= m.max_minutes)
     return bool(done), text
 
 
