@@ -11,10 +11,11 @@ from dynlm.cli import main
 def test_gpu_check_cpu_smoke_runs_every_stage_and_reports(tmp_path, capsys):
     # A generous budget: each stage is killed at its share of it, and the tiny stages take ~30 s in all
     # here; a slow or loaded CI machine must not turn that kill into a failure.
+    minutes = 20
     out = tmp_path / "gc"
-    assert main(["gpu-check", "--device", "cpu", "--tiny", "--minutes", "20", "--out", str(out)]) == 0
+    assert main(["gpu-check", "--device", "cpu", "--tiny", "--minutes", str(minutes), "--out", str(out)]) == 0
     result = json.loads((out / "gpu_check.json").read_text())
-    assert result["ok"] is True and result["seconds"] < 20 * 60  # the budget holds by construction
+    assert result["ok"] is True and result["seconds"] < minutes * 60  # the budget holds by construction
     stages = result["stages"]
     assert stages["tests"]["ok"] and stages["tests"]["tests"] >= 10 and stages["tests"]["failures"] == 0
     assert stages["bench"]["ok"] and stages["bench"]["bandwidth_gb_s"] > 0
